@@ -1,0 +1,461 @@
+//! The Pingora `ProxyHttp` implementation: the request phases, in order.
+//!
+//! 1. `request_filter`: load the snapshot, assign the request id, answer
+//!    ACME HTTP-01 tokens, route, redirect plain HTTP, check the body size,
+//!    then pick a backend (waiting a bounded time when none is healthy).
+//! 2. `upstream_peer`: turn the pick into a Pingora peer; on a retry, pick
+//!    another backend.
+//! 3. `upstream_request_filter`: forwarding headers and the request id.
+//! 4. `response_filter`: hop-by-hop removal, request id, HSTS.
+//! 5. `logging`: the access log event and metrics.
+
+mod forwarding;
+mod local;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+
+use crate::app::App;
+use crate::config::PlainHttp;
+use crate::health::InFlightGuard;
+use crate::routing::normalize_host;
+use crate::snapshot::{Pick, Snapshot};
+
+pub use forwarding::REQUEST_ID;
+
+const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// Per-request state shared by the phases.
+pub struct RequestCtx {
+    started: Instant,
+    snapshot: Option<Arc<Snapshot>>,
+    request_id: String,
+    tls: bool,
+    host: String,
+    route: Option<usize>,
+    /// The pick made in `request_filter`, used by the first `upstream_peer`.
+    first_pick: Option<Pick>,
+    /// The backend of the current attempt; dropping it ends its in-flight count.
+    current: Option<(Pick, InFlightGuard)>,
+    tried: Vec<SocketAddr>,
+    attempts: u32,
+    upstream_started: Option<Instant>,
+    upstream_header_at: Option<Instant>,
+    upstream_status: Option<u16>,
+}
+
+impl RequestCtx {
+    pub fn route_name(&self) -> Option<&str> {
+        let snapshot = self.snapshot.as_ref()?;
+        Some(snapshot.route_states.get(self.route?)?.name.as_str())
+    }
+}
+
+pub struct Proxy {
+    app: Arc<App>,
+}
+
+impl Proxy {
+    pub fn new(app: Arc<App>) -> Proxy {
+        Proxy { app }
+    }
+
+    /// Picks a backend for the route, waiting up to the configured bound for
+    /// one to become healthy. Reloads the snapshot while waiting so that a
+    /// weight change or config reload takes effect for waiting requests.
+    async fn pick_with_wait(&self, ctx: &mut RequestCtx) -> Option<Pick> {
+        let (snapshot, route) = (ctx.snapshot.clone()?, ctx.route?);
+        let settings = &snapshot.config.proxy;
+        let wait = if snapshot.route_states[route].has_pending() {
+            settings.startup_wait.max(settings.no_backend_wait)
+        } else {
+            settings.no_backend_wait
+        };
+        let deadline = Instant::now() + wait;
+        let route_name = snapshot.route_states[route].name.clone();
+        let mut snapshot = snapshot;
+        let mut route = route;
+        loop {
+            if let Some(pick) = snapshot.route_states[route].pick(&[]) {
+                ctx.snapshot = Some(snapshot);
+                ctx.route = Some(route);
+                return Some(pick);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            // Wake on a health change, and at least every 100 ms to notice
+            // weight changes and config swaps.
+            let remaining = deadline - now;
+            self.app
+                .registry
+                .wait_for_change(remaining.min(Duration::from_millis(100)))
+                .await;
+            snapshot = self.app.snapshots.load();
+            route = snapshot.route_index(&route_name)?;
+        }
+    }
+
+    fn build_peer(&self, ctx: &RequestCtx, pick: &Pick, upgrade: bool) -> Box<HttpPeer> {
+        let mut peer = HttpPeer::new(pick.address, false, String::new());
+        if let (Some(snapshot), Some(route)) = (&ctx.snapshot, ctx.route) {
+            let route_config = &snapshot.config.routes[route];
+            let settings = &snapshot.config.proxy;
+            peer.options.connection_timeout = Some(route_config.connect_timeout);
+            peer.options.read_timeout = Some(if upgrade {
+                route_config.websocket_idle_timeout
+            } else {
+                route_config.read_timeout
+            });
+            peer.options.write_timeout = Some(settings.write_timeout);
+            peer.options.idle_timeout = Some(settings.upstream_idle_timeout);
+        }
+        Box::new(peer)
+    }
+}
+
+fn peer_ip(session: &Session) -> Option<IpAddr> {
+    match session.client_addr()? {
+        PingoraAddr::Inet(addr) => Some(addr.ip()),
+        _ => None,
+    }
+}
+
+fn request_host(request: &RequestHeader) -> Option<String> {
+    if let Some(host) = request.uri.host() {
+        return Some(normalize_host(host));
+    }
+    let header = request.headers.get(http::header::HOST)?;
+    Some(normalize_host(header.to_str().ok()?))
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            snapshot: None,
+            request_id: String::new(),
+            tls: false,
+            host: String::new(),
+            route: None,
+            first_pick: None,
+            current: None,
+            tried: Vec::new(),
+            attempts: 0,
+            upstream_started: None,
+            upstream_header_at: None,
+            upstream_status: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let snapshot = self.app.snapshots.load();
+        ctx.request_id = forwarding::request_id(
+            session
+                .req_header()
+                .headers
+                .get(REQUEST_ID)
+                .map(|v| v.as_bytes()),
+        );
+        ctx.tls = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .is_some();
+        ctx.snapshot = Some(Arc::clone(&snapshot));
+
+        let Some(host) = request_host(session.req_header()) else {
+            local::respond(session, ctx, 400, &[], "missing Host header\n").await?;
+            return Ok(true);
+        };
+        ctx.host = host;
+        let path = session.req_header().uri.path().to_string();
+
+        if !ctx.tls && path.starts_with(ACME_CHALLENGE_PREFIX) {
+            let token = &path[ACME_CHALLENGE_PREFIX.len()..];
+            match self.app.http01_response(token) {
+                Some(key_authorization) => {
+                    local::respond(session, ctx, 200, &[], &key_authorization).await?
+                }
+                None => {
+                    local::respond(session, ctx, 404, &[], "unknown ACME challenge token\n").await?
+                }
+            }
+            return Ok(true);
+        }
+
+        let Some(route) = snapshot.routes.find(&ctx.host, &path) else {
+            local::respond(session, ctx, 404, &[], "no route for this host and path\n").await?;
+            return Ok(true);
+        };
+        ctx.route = Some(route);
+        let route_config = &snapshot.config.routes[route];
+        let listeners = &snapshot.config.listeners;
+
+        if !ctx.tls && listeners.plain_http == PlainHttp::Redirect && !route_config.plain_http {
+            if let Some(https) = listeners.https {
+                let location = local::https_location(session.req_header(), &ctx.host, https.port());
+                local::respond(session, ctx, 308, &[("location", location)], "").await?;
+                return Ok(true);
+            }
+        }
+
+        if let (Some(limit), Some(length)) = (
+            route_config.max_body,
+            local::content_length(session.req_header()),
+        ) {
+            if length > limit {
+                local::respond(
+                    session,
+                    ctx,
+                    413,
+                    &[("connection", "close".into())],
+                    "request body too large\n",
+                )
+                .await?;
+                return Ok(true);
+            }
+        }
+
+        if session.is_upgrade_req() {
+            // Pingora's downstream read timeout (60 s by default) also
+            // applies to an upgraded connection, so a quiet WebSocket would
+            // be cut without this.
+            session.set_read_timeout(Some(route_config.websocket_idle_timeout));
+        }
+
+        match self.pick_with_wait(ctx).await {
+            Some(pick) => {
+                ctx.first_pick = Some(pick);
+                Ok(false)
+            }
+            None => {
+                let retry_after = snapshot.config.proxy.no_backend_wait.as_secs().max(1);
+                tracing::warn!(
+                    request_id = %ctx.request_id,
+                    route = %route_config.name,
+                    "no healthy backend for the route"
+                );
+                local::respond(
+                    session,
+                    ctx,
+                    503,
+                    &[("retry-after", retry_after.to_string())],
+                    "no healthy backend is available, retry later\n",
+                )
+                .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let pick = match ctx.first_pick.take() {
+            Some(pick) => pick,
+            None => {
+                // A retry: prefer a backend this request has not tried yet,
+                // and fall back to the last one (a fresh connection to it).
+                let (snapshot, route) = match (&ctx.snapshot, ctx.route) {
+                    (Some(snapshot), Some(route)) => (snapshot, route),
+                    _ => {
+                        return Err(Error::explain(
+                            ErrorType::InternalError,
+                            "upstream_peer without a route",
+                        ))
+                    }
+                };
+                match snapshot.route_states[route].pick(&ctx.tried) {
+                    Some(pick) => pick,
+                    None => match &ctx.current {
+                        Some((pick, _)) => pick.clone(),
+                        None => {
+                            return Err(Error::explain(
+                                ErrorType::ConnectNoRoute,
+                                "no backend left to try",
+                            ))
+                        }
+                    },
+                }
+            }
+        };
+        ctx.attempts += 1;
+        if !ctx.tried.contains(&pick.address) {
+            ctx.tried.push(pick.address);
+        }
+        ctx.upstream_started.get_or_insert_with(Instant::now);
+        let guard = pick.health.begin_request();
+        let peer = self.build_peer(ctx, &pick, session.is_upgrade_req());
+        ctx.current = Some((pick, guard));
+        Ok(peer)
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // A failed connect never delivered a byte, so any method may be
+        // retried on another backend.
+        let allowed = ctx
+            .snapshot
+            .as_ref()
+            .zip(ctx.route)
+            .map_or(0, |(s, r)| s.config.routes[r].retries);
+        let retry = ctx.attempts <= allowed;
+        tracing::warn!(
+            request_id = %ctx.request_id,
+            backend = %peer,
+            error = %e,
+            retry,
+            "upstream connect failed"
+        );
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let route = ctx
+            .snapshot
+            .as_ref()
+            .zip(ctx.route)
+            .map(|(s, r)| &s.config.routes[r]);
+        let allowed = route.is_some_and(|r| r.retry_idempotent && ctx.attempts <= r.retries);
+        // Only an idempotent request may be sent again after it may have
+        // reached a backend, and only when the failure came from a reused
+        // pooled connection that the backend had closed. A webhook POST is
+        // never replayed.
+        if !allowed
+            || !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let peer = peer_ip(session);
+        let trusted = ctx
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| forwarding::is_trusted(peer, &s.config.proxy.trusted_proxies));
+        let scheme = if ctx.tls { "https" } else { "http" };
+        // An HTTP/2 request carries its host in `:authority`; HTTP/1.1
+        // backends need it as `Host`.
+        if !upstream_request.headers.contains_key(http::header::HOST) {
+            if let Some(authority) = upstream_request.uri.authority().map(|a| a.to_string()) {
+                upstream_request.insert_header(http::header::HOST, authority)?;
+            }
+        }
+        let host = upstream_request
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(&ctx.host)
+            .to_string();
+        forwarding::set_forwarding_headers(upstream_request, peer, trusted, scheme, &host)?;
+        upstream_request.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_header_at = Some(Instant::now());
+        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        forwarding::strip_response_hop_by_hop(response);
+        response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        if ctx.tls {
+            if let Some(hsts) = ctx
+                .snapshot
+                .as_ref()
+                .and_then(|s| s.config.tls.hsts.as_ref())
+            {
+                response.insert_header("strict-transport-security", hsts.as_str())?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let (pool, backend) = match &ctx.current {
+            Some((pick, _)) => (pick.pool.name.as_str(), pick.address.to_string()),
+            None => ("", String::new()),
+        };
+        let log_access = ctx
+            .snapshot
+            .as_ref()
+            .is_none_or(|s| s.config.log.access_log);
+        if log_access {
+            let request = session.req_header();
+            let upstream_ms = match (ctx.upstream_started, ctx.upstream_header_at) {
+                (Some(start), Some(header)) => header.duration_since(start).as_secs_f64() * 1000.0,
+                _ => 0.0,
+            };
+            tracing::info!(
+                target: "switchyard::access",
+                request_id = %ctx.request_id,
+                client = %session.client_addr().map(|a| a.to_string()).unwrap_or_default(),
+                method = %request.method,
+                host = %ctx.host,
+                path = %request.uri.path(),
+                status,
+                route = ctx.route_name().unwrap_or(""),
+                pool,
+                backend = %backend,
+                upstream_ms,
+                total_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+                bytes_in = session.body_bytes_read(),
+                bytes_out = session.body_bytes_sent(),
+                retries = ctx.attempts.saturating_sub(1),
+                error = error.map(|e| e.to_string()).unwrap_or_default(),
+                "request"
+            );
+        }
+        // Dropping the guard ends the backend's in-flight count.
+        ctx.current.take();
+    }
+}
