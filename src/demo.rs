@@ -73,6 +73,9 @@ pub async fn serve_backend(listener: TcpListener, name: &'static str) {
     }
 }
 
+/// The demo config, with the addresses the demo replaces.
+const TEMPLATE: &str = include_str!("../config/demo.toml");
+
 /// Writes the demo config for the given backends and returns its path.
 pub fn write_config(
     dir: &Path,
@@ -81,38 +84,12 @@ pub fn write_config(
     green: SocketAddr,
 ) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
-    let text = format!(
-        r#"# Written by `switchyard demo`.
-[listeners]
-http = "{http}"
-threads = 2
-plain_http = "proxy"
-upgrade_socket = "{dir}/upgrade.sock"
-pid_file = "{dir}/switchyard.pid"
-
-[admin]
-metrics = "{metrics}"
-
-[tls]
-store = "{dir}/certs"
-
-[[routes]]
-name = "demo"
-hosts = ["*"]
-pools = {{ blue = 100, green = 0 }}
-
-[pools.blue]
-backends = ["{blue}"]
-health = {{ path = "/health", interval = "1s" }}
-
-[pools.green]
-backends = ["{green}"]
-health = {{ path = "/health", interval = "1s" }}
-"#,
-        http = options.http,
-        metrics = options.metrics,
-        dir = dir.display(),
-    );
+    let text = TEMPLATE
+        .replace("127.0.0.1:8080", &options.http.to_string())
+        .replace("127.0.0.1:9901", &options.metrics.to_string())
+        .replace("127.0.0.1:18001", &blue.to_string())
+        .replace("127.0.0.1:18002", &green.to_string())
+        .replace("/tmp/switchyard-demo", &dir.display().to_string());
     let path = dir.join("switchyard.toml");
     std::fs::write(&path, text)?;
     Ok(path)

@@ -509,8 +509,8 @@ fn route(
         if !raw_pools.contains_key(pool) {
             c.error(
                 line,
-                format!("{key}: pool {pool:?}"),
-                format!("is not defined; add a [pools.{pool}] table or fix the name"),
+                &key,
+                format!("pool {pool:?} is not defined; add a [pools.{pool}] table or fix the name"),
             );
         }
         match u32::try_from(*weight) {

@@ -1,0 +1,176 @@
+//! What a webhook receiver relies on: bytes, query strings and headers
+//! arrive as sent; forwarding headers and request ids are set.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use rand::RngCore;
+use ring::hmac;
+use support::*;
+
+async fn one_pool() -> (TestBackend, TestBackend, ProxyProcess) {
+    let blue = TestBackend::start("blue").await;
+    let green = TestBackend::start("green").await;
+    let proxy = ProxyProcess::start(&blue_green(&[&blue], &[&green], (100, 0), FAST_HEALTH)).await;
+    (blue, green, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_random_body_arrives_unchanged() {
+    let (blue, _green, proxy) = one_pool().await;
+    let mut body = vec![0u8; 1024 * 1024];
+    rand::thread_rng().fill_bytes(&mut body);
+    let mut client = Client::connect(proxy.http).await.unwrap();
+    let request = Request::post("/upload")
+        .header("host", "app.test")
+        .header("content-type", "application/octet-stream")
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let reply = client.send(request).await.unwrap();
+    assert_eq!(reply.status, 200);
+    let received = blue.requests();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].body.len(), body.len());
+    assert!(received[0].body == body, "body bytes differ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_webhook_post_verifies_at_backend() {
+    let (blue, _green, proxy) = one_pool().await;
+    let secret = b"app-secret";
+    let body = br#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"value":{"messages":[{"text":{"body":"Hola \u00e9 \ud83d\ude00"}}]}}]}]}"#;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    let signature = format!("sha256={}", hex::encode(hmac::sign(&key, body).as_ref()));
+    let mut client = Client::connect(proxy.http).await.unwrap();
+    let request = Request::post("/webhook")
+        .header("host", "app.test")
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", &signature)
+        .body(Full::new(Bytes::from_static(body)))
+        .unwrap();
+    assert_eq!(client.send(request).await.unwrap().status, 200);
+    let received = &blue.requests()[0];
+    assert_eq!(received.body, body.to_vec());
+    assert_eq!(
+        received.header("x-hub-signature-256").as_deref(),
+        Some(signature.as_str())
+    );
+    let expected = hex::encode(hmac::sign(&key, &received.body).as_ref());
+    assert_eq!(signature, format!("sha256={expected}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_get_query_is_byte_exact() {
+    let (blue, _green, proxy) = one_pool().await;
+    let target = "/webhook?hub.mode=subscribe&hub.verify_token=t%2Fok+en%20x&hub.challenge=1158201444&q=%E2%9C%93&raw=a%2Fb%2fc+d";
+    let request = format!("GET {target} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+    let response = raw_exchange(proxy.http, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(blue.requests()[0].target, target);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_replaced_for_untrusted_peer() {
+    let (blue, _green, proxy) = one_pool().await;
+    let request = "GET /x HTTP/1.1\r\nHost: Api.Example.com\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\nForwarded: for=6.6.6.6\r\nConnection: close\r\n\r\n";
+    let response = raw_exchange(proxy.http, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let got = &blue.requests()[0];
+    assert_eq!(got.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(got.header("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(
+        got.header("x-forwarded-host").as_deref(),
+        Some("Api.Example.com")
+    );
+    assert_eq!(got.header("host").as_deref(), Some("Api.Example.com"));
+    assert!(got.header("forwarded").is_none());
+    assert_eq!(got.header_count("x-forwarded-for"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_peer_chain_is_appended() {
+    let blue = TestBackend::start("blue").await;
+    let green = TestBackend::start("green").await;
+    let config = format!(
+        "{}\n",
+        blue_green(&[&blue], &[&green], (100, 0), FAST_HEALTH).replace(
+            "[proxy]\n",
+            "[proxy]\ntrusted_proxies = [\"127.0.0.0/8\"]\n"
+        )
+    );
+    let proxy = ProxyProcess::start(&config).await;
+    let request = "GET /x HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n";
+    let response = raw_exchange(proxy.http, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let got = &blue.requests()[0];
+    assert_eq!(
+        got.header("x-forwarded-for").as_deref(),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+    assert_eq!(got.header("x-forwarded-proto").as_deref(), Some("https"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_kept_generated_and_echoed() {
+    let (blue, _green, proxy) = one_pool().await;
+    let kept = raw_exchange(
+        proxy.http,
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc-123\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        kept.to_ascii_lowercase()
+            .contains("x-request-id: abc-123\r\n"),
+        "{kept}"
+    );
+    assert_eq!(
+        blue.requests()[0].header("x-request-id").as_deref(),
+        Some("abc-123")
+    );
+
+    let generated = raw_exchange(
+        proxy.http,
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: bad id <script>\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let sent_upstream = blue.requests()[1].header("x-request-id").unwrap();
+    assert_eq!(sent_upstream.len(), 32);
+    assert!(sent_upstream.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert!(generated.contains(&sent_upstream), "{generated}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_removed_both_ways() {
+    let (blue, _green, proxy) = one_pool().await;
+    let request = "GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-client-hop\r\nX-Client-Hop: 1\r\nKeep-Alive: timeout=9\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\r\n";
+    let response = raw_exchange(proxy.http, request.as_bytes(), Duration::from_secs(2)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let got = &blue.requests()[0];
+    for name in ["x-client-hop", "keep-alive", "proxy-connection", "te"] {
+        assert!(got.header(name).is_none(), "{name} reached the backend");
+    }
+    let lower = response.to_ascii_lowercase();
+    assert!(!lower.contains("x-backend-secret"), "{response}");
+    assert!(!lower.contains("keep-alive: timeout"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_route_is_404() {
+    let blue = TestBackend::start("blue").await;
+    let config = format!(
+        "[[routes]]\nname = \"only\"\nhosts = [\"api.test\"]\npools = {{ blue = 1 }}\n\n[pools.blue]\nbackends = [\"{}\"]\n",
+        blue.addr
+    );
+    let proxy = ProxyProcess::start(&config).await;
+    assert_eq!(get(proxy.http, "api.test", "/").await.unwrap().status, 200);
+    assert_eq!(
+        get(proxy.http, "other.test", "/").await.unwrap().status,
+        404
+    );
+}

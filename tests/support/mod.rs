@@ -1,0 +1,454 @@
+//! Test support: real backends, the real `switchyard` binary and real HTTP
+//! clients, all on 127.0.0.1 ephemeral ports.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// One request as a backend received it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query exactly as they arrived on the request line.
+    pub target: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn header_count(&self, name: &str) -> usize {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .count()
+    }
+}
+
+/// A real HTTP/1.1 backend. Answers its name on any path with an `x-pool`
+/// header; `/health` answers with the status in `health_status`;
+/// `/status/NNN` answers NNN; `/sleep/MS` waits MS milliseconds first.
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub health_status: Arc<AtomicU16>,
+    /// Requests other than health checks.
+    pub hits: Arc<AtomicUsize>,
+    pub recorded: Arc<Mutex<Vec<Recorded>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl TestBackend {
+    pub async fn start(name: &str) -> TestBackend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        TestBackend::serve(listener, name)
+    }
+
+    /// Serves on an already bound listener (for restarting on the same port).
+    pub fn serve(listener: TcpListener, name: &str) -> TestBackend {
+        let addr = listener.local_addr().expect("backend address");
+        let (stop, stopped) = watch::channel(false);
+        let backend = TestBackend {
+            addr,
+            name: name.to_string(),
+            health_status: Arc::new(AtomicU16::new(200)),
+            hits: Arc::new(AtomicUsize::new(0)),
+            recorded: Arc::new(Mutex::new(Vec::new())),
+            stop,
+        };
+        let name: Arc<str> = Arc::from(name);
+        let health = Arc::clone(&backend.health_status);
+        let hits = Arc::clone(&backend.hits);
+        let recorded = Arc::clone(&backend.recorded);
+        tokio::spawn(async move {
+            let mut stopped_accept = stopped.clone();
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = stopped_accept.changed() => break,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let (name, health, hits, recorded) = (
+                    Arc::clone(&name),
+                    Arc::clone(&health),
+                    Arc::clone(&hits),
+                    Arc::clone(&recorded),
+                );
+                let mut stopped_conn = stopped.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let (name, health, hits, recorded) = (
+                            Arc::clone(&name),
+                            Arc::clone(&health),
+                            Arc::clone(&hits),
+                            Arc::clone(&recorded),
+                        );
+                        async move {
+                            Ok::<_, Infallible>(
+                                answer(request, &name, &health, &hits, &recorded).await,
+                            )
+                        }
+                    });
+                    let connection = http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades();
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = stopped_conn.changed() => {}
+                    }
+                });
+            }
+        });
+        backend
+    }
+
+    /// Stops accepting and drops every open connection, like a killed process.
+    pub fn kill(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    pub fn set_health(&self, status: u16) {
+        self.health_status.store(status, Ordering::SeqCst);
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.recorded.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn answer(
+    request: Request<hyper::body::Incoming>,
+    name: &str,
+    health: &AtomicU16,
+    hits: &AtomicUsize,
+    recorded: &Mutex<Vec<Recorded>>,
+) -> Response<Full<Bytes>> {
+    let path = request.uri().path().to_string();
+    if path == "/health" {
+        let status = health.load(Ordering::SeqCst);
+        return Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from("health\n")))
+            .unwrap();
+    }
+    hits.fetch_add(1, Ordering::SeqCst);
+    let method = request.method().to_string();
+    let target = request
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_default();
+    let headers = request
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect();
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
+    recorded.lock().unwrap().push(Recorded {
+        method,
+        target,
+        headers,
+        body,
+    });
+    let mut status = 200;
+    if let Some(code) = path.strip_prefix("/status/") {
+        status = code.parse().unwrap_or(500);
+    }
+    if let Some(ms) = path.strip_prefix("/sleep/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+    }
+    Response::builder()
+        .status(status)
+        .header("x-pool", name)
+        .header("connection", "keep-alive, x-backend-secret")
+        .header("x-backend-secret", "hop-by-hop")
+        .header("keep-alive", "timeout=5")
+        .body(Full::new(Bytes::from(format!("{name}\n"))))
+        .unwrap()
+}
+
+/// Returns a loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `switchyard run` process with its own temp dir and config.
+pub struct ProxyProcess {
+    child: Child,
+    pub http: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+impl ProxyProcess {
+    /// Writes a config (the `[listeners]` table is added here) and starts
+    /// the proxy; returns once the HTTP listener accepts connections.
+    pub async fn start(body: &str) -> ProxyProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config_path = dir.path().join("switchyard.toml");
+        std::fs::write(&config_path, proxy_config(dir.path(), http, body)).expect("write config");
+        let log_path = dir.path().join("switchyard.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("log clone")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn switchyard");
+        let proxy = ProxyProcess {
+            child,
+            http,
+            dir,
+            config_path,
+            log_path,
+        };
+        proxy.wait_listening().await;
+        proxy
+    }
+
+    async fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if TcpStream::connect(self.http).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "switchyard did not listen on {} within 15 s; log:\n{}",
+            self.http,
+            self.logs()
+        );
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Replaces the config file body (listeners are kept) and sends SIGHUP.
+    pub fn reload_with(&self, body: &str) {
+        std::fs::write(
+            &self.config_path,
+            proxy_config(self.dir.path(), self.http, body),
+        )
+        .expect("write config");
+        self.signal(libc::SIGHUP);
+    }
+
+    pub fn write_raw_config(&self, text: &str) {
+        std::fs::write(&self.config_path, text).expect("write config");
+    }
+
+    pub fn signal(&self, signal: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    /// Waits until the log contains `needle`, up to `timeout`.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn proxy_config(dir: &Path, http: SocketAddr, body: &str) -> String {
+    format!(
+        "[listeners]\nhttp = \"{http}\"\nthreads = 2\nupgrade_socket = \"{dir}/upgrade.sock\"\npid_file = \"{dir}/switchyard.pid\"\ngrace_period = \"1s\"\ngraceful_shutdown_timeout = \"1s\"\n\n[admin]\nmetrics = \"off\"\n\n{body}",
+        dir = dir.display()
+    )
+}
+
+/// A response as the test client saw it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).trim().to_string()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+}
+
+/// An HTTP/1.1 client over one keep-alive connection.
+pub struct Client {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect(addr).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(connection);
+        Ok(Client { sender, addr })
+    }
+
+    pub async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<Reply, String> {
+        self.sender.ready().await.map_err(|e| e.to_string())?;
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub async fn get(&mut self, path: &str) -> Result<Reply, String> {
+        let request = Request::get(path)
+            .header("host", "app.test")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        self.send(request).await
+    }
+}
+
+/// GET over a new connection, with the given Host.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Reply, String> {
+    let mut client = Client::connect(addr).await.map_err(|e| e.to_string())?;
+    let request = Request::get(path)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    client.send(request).await
+}
+
+/// Sends raw bytes and reads until the server closes or `timeout` passes.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(timeout, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Polls `condition` every 50 ms until it holds or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    condition()
+}
+
+/// A two-pool route config over the given backends.
+pub fn blue_green(
+    blue: &[&TestBackend],
+    green: &[&TestBackend],
+    weights: (u32, u32),
+    health: &str,
+) -> String {
+    let list = |backends: &[&TestBackend]| {
+        backends
+            .iter()
+            .map(|b| format!("\"{}\"", b.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "[proxy]\nno_backend_wait = \"500ms\"\n\n[[routes]]\nname = \"app\"\nhosts = [\"*\"]\npools = {{ blue = {}, green = {} }}\n\n[pools.blue]\nbackends = [{}]\n{health}\n\n[pools.green]\nbackends = [{}]\n{health}\n",
+        weights.0,
+        weights.1,
+        list(blue),
+        list(green),
+    )
+}
+
+/// The health table used by most tests: fast checks with default thresholds.
+pub const FAST_HEALTH: &str =
+    "health = { path = \"/health\", interval = \"200ms\", timeout = \"150ms\" }";
