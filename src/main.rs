@@ -28,8 +28,8 @@ enum Command {
         /// Config file (TOML).
         #[arg(short, long)]
         config: PathBuf,
-        /// Take over the listening sockets of the running instance
-        /// (zero-downtime binary upgrade), then send it SIGQUIT.
+        /// Take over the listening sockets of the running instance for a
+        /// zero-downtime binary upgrade; then send the old process SIGQUIT.
         #[arg(short, long)]
         upgrade: bool,
         /// Detach and run in the background.

@@ -158,10 +158,10 @@ mod tests {
     }
 
     #[test]
-    fn exact_host_falls_back_to_catch_all() {
+    fn exact_host_beats_longer_catch_all_prefix() {
         let t = table(ROUTES);
-        // No exact route lacks a prefix match here, but a host with only a
-        // prefixed route falls through to wildcard and catch-all routes.
+        // Host specificity comes first: the exact host's "/" route wins over
+        // the catch-all's longer "/static" prefix.
         assert_eq!(t.find("api.example.com", "/static/x"), Some(0));
     }
 
