@@ -337,6 +337,11 @@ impl ProxyProcess {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The log without terminal colour codes, so `key=value` fields match.
+    pub fn plain_logs(&self) -> String {
+        strip_ansi(&self.logs())
+    }
+
     /// Replaces the config file body (listeners are kept) and sends SIGHUP.
     pub fn reload_with(&self, body: &str) {
         std::fs::write(
@@ -379,6 +384,24 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Removes terminal colour sequences (`ESC [ ... m`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            for next in chars.by_ref() {
+                if next == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 /// A child process killed when dropped.
