@@ -172,7 +172,7 @@ async fn reset_mid_response_is_never_a_complete_body() {
         let _ = stream.flush().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Linger 0 turns the close into a reset.
-        let _ = stream.set_linger(Some(Duration::ZERO));
+        let _ = stream.set_zero_linger();
         drop(stream);
     })
     .await;
