@@ -47,7 +47,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
         Ok(raw) => raw,
         Err(err) => {
             let line = err.span().map(|span| c.line_of(span.start));
-            c.error(line, "", err.message().trim().to_string());
+            // The TOML reader gives some errors (such as `key =` with no
+            // value) an empty message; say what is wrong in that case.
+            let message = match err.message().trim() {
+                "" => "invalid TOML: a value is missing or malformed here".to_string(),
+                text => text.to_string(),
+            };
+            c.error(line, "", message);
             return Err(c.errors);
         }
     };
@@ -925,6 +931,12 @@ fn status_range(value: &toml::Value) -> Option<(u16, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn toml_error_always_has_a_message() {
+        let errors = parse("A=", Path::new("/x.toml")).unwrap_err();
+        assert!(errors.iter().all(|e| !e.message.is_empty()), "{errors:?}");
+    }
 
     #[test]
     fn size_units() {
