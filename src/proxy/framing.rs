@@ -3,7 +3,7 @@
 //! A proxy and a backend that disagree on where a request ends can be made
 //! to see two requests where the proxy saw one (request smuggling). The
 //! proxy therefore accepts only messages whose framing has one reading, and
-//! answers anything else with 400 before a byte reaches a backend:
+//! rejects anything else with 400 before a byte reaches a backend:
 //! - both `Content-Length` and `Transfer-Encoding`;
 //! - several `Content-Length` values that differ, or one that is not digits;
 //! - a `Transfer-Encoding` other than exactly `chunked`, or any
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::config::{format_duration, Limits};
 
-/// An error answer written before the request reaches Pingora.
+/// An error response written before the request reaches Pingora.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
     pub status: u16,
@@ -64,7 +64,7 @@ impl Rejection {
         }
     }
 
-    /// The complete response: status line, headers and a text body.
+    /// Renders the complete response: status line, headers and a text body.
     pub fn to_response(&self) -> Vec<u8> {
         let phrase = match self.status {
             400 => "Bad Request",
@@ -103,6 +103,7 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<(), Rejection> {
             return Err(Rejection::bad_request("a header line ends in a bare LF"));
         }
     }
+
     let mut fields = vec![httparse::EMPTY_HEADER; limits.max_header_count];
     let mut request = httparse::Request::new(&mut fields);
     match request.parse(head) {
@@ -120,6 +121,7 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<(), Rejection> {
             )))
         }
     }
+
     let http10 = request.version == Some(0);
     let mut lengths: Vec<&[u8]> = Vec::new();
     let mut codings: Vec<String> = Vec::new();
@@ -136,6 +138,7 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<(), Rejection> {
             hosts += 1;
         }
     }
+
     if hosts > 1 {
         return Err(Rejection::bad_request("more than one Host header"));
     }
@@ -144,6 +147,7 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<(), Rejection> {
             "an HTTP/1.1 request needs a Host header",
         ));
     }
+
     if has_transfer_encoding && !lengths.is_empty() {
         return Err(Rejection::bad_request(
             "both Content-Length and Transfer-Encoding are present",
@@ -162,6 +166,7 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<(), Rejection> {
             )));
         }
     }
+
     let mut declared: Option<&[u8]> = None;
     for length in lengths {
         let length = length.trim_ascii();

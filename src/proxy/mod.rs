@@ -169,10 +169,11 @@ impl Proxy {
     }
 }
 
-/// Whether the error proves that the request header was never fully
-/// written to the upstream connection: Pingora reports a failed header
-/// write as `WriteError`/`WriteTimedout` with this context, before any body
-/// byte is sent. A backend cannot act on a request it never fully received.
+/// Reports whether the error proves that the request header was never fully
+/// written to the upstream connection. Pingora 0.9 reports a failed header
+/// write as `WriteError` or `WriteTimedout` with the context "while writing
+/// request headers", before any body byte is sent. A backend cannot act on a
+/// request it never fully received.
 fn request_header_unsent(e: &Error) -> bool {
     matches!(e.etype(), ErrorType::WriteError | ErrorType::WriteTimedout)
         && e.context
@@ -374,9 +375,9 @@ impl ProxyHttp for Proxy {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // A declared Content-Length over the limit was refused in
-        // `request_filter`; a chunked body is counted as it streams, and
-        // the request is aborted with 413 once it passes the limit.
+        // `request_filter` already rejected a declared Content-Length over
+        // the limit. A chunked body is counted here as it streams, and the
+        // request is aborted with 413 once it passes the limit.
         let Some(chunk) = body.as_ref() else {
             return Ok(());
         };
