@@ -91,6 +91,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.listeners.threads != new.listeners.threads {
         changed.push("listeners.threads".to_string());
     }
+    if old.limits.max_connections != new.limits.max_connections {
+        changed.push("limits.max_connections".to_string());
+    }
     if old.admin.socket != new.admin.socket {
         changed.push("admin.socket".to_string());
     }

@@ -13,19 +13,25 @@
 //! - A healthy backend turns unhealthy after `unhealthy_threshold` failures
 //!   in a row, and back after `healthy_threshold` passes in a row.
 //! - A backend of a pool without a health check is always healthy.
+//!
+//! Passive health (outlier detection) sits on top: live requests report
+//! connection errors and 5xx answers, and a backend that fails too many in a
+//! row is ejected for a while (see [`BackendHealth::report`]). An ejected
+//! backend is not available even when its active checks pass; it returns when
+//! its ejection ends, and only if its active state is still healthy.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::config::HealthCheck;
+use crate::config::{HealthCheck, PassiveHealth};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HealthState {
@@ -70,6 +76,40 @@ pub struct BackendHealth {
     failures: AtomicU32,
     in_flight: AtomicUsize,
     last_error: Mutex<Option<String>>,
+    outlier: Mutex<Outlier>,
+}
+
+/// Passive health bookkeeping of one backend.
+#[derive(Debug, Default)]
+struct Outlier {
+    /// Live requests that failed in a row.
+    consecutive_failures: u32,
+    /// Set while ejected.
+    ejected_until: Option<Instant>,
+    /// Ejections in the current series; each one doubles the ejection time.
+    ejections: u32,
+    /// When the last ejection ended, to restart the series after a calm period.
+    last_ejection_end: Option<Instant>,
+}
+
+/// What one live request taught about its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response below 500.
+    Success,
+    /// A connection error, a timeout, or a 5xx response.
+    Failure,
+}
+
+/// The result of reporting a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ejection {
+    /// Nothing changed, or the threshold is not reached yet.
+    None,
+    /// The backend is ejected for this long.
+    Ejected(Duration),
+    /// The threshold was reached but the pool's ejection cap held it back.
+    Capped,
 }
 
 impl BackendHealth {
@@ -81,6 +121,84 @@ impl BackendHealth {
             failures: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
             last_error: Mutex::new(None),
+            outlier: Mutex::new(Outlier::default()),
+        }
+    }
+
+    /// Whether passive health has ejected this backend right now.
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until().is_some()
+    }
+
+    /// The end of the current ejection, if the backend is ejected.
+    pub fn ejected_until(&self) -> Option<Instant> {
+        let outlier = self.outlier.lock().unwrap_or_else(|e| e.into_inner());
+        outlier
+            .ejected_until
+            .filter(|until| *until > Instant::now())
+    }
+
+    /// Records the outcome of a live request. `may_eject` is asked only when
+    /// this failure reaches the threshold; it enforces the pool's cap and
+    /// must not lock this backend. Returns what happened.
+    pub fn report(
+        &self,
+        outcome: Outcome,
+        passive: &PassiveHealth,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Ejection {
+        let now = Instant::now();
+        let mut outlier = self.outlier.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(until) = outlier.ejected_until {
+            if until <= now {
+                outlier.ejected_until = None;
+                outlier.last_ejection_end = Some(until);
+            }
+        }
+        match outcome {
+            Outcome::Success => {
+                outlier.consecutive_failures = 0;
+                Ejection::None
+            }
+            Outcome::Failure => {
+                if outlier.ejected_until.is_some() {
+                    // Requests that were already in flight when it was ejected.
+                    return Ejection::None;
+                }
+                outlier.consecutive_failures += 1;
+                if outlier.consecutive_failures < passive.consecutive_failures {
+                    return Ejection::None;
+                }
+                // Release our lock while the pool counts its ejected backends.
+                drop(outlier);
+                let allowed = may_eject();
+                let mut outlier = self.outlier.lock().unwrap_or_else(|e| e.into_inner());
+                if !allowed {
+                    return Ejection::Capped;
+                }
+                if outlier.ejected_until.is_some_and(|until| until > now) {
+                    return Ejection::None;
+                }
+                // A backend that stayed in for a whole maximum ejection time
+                // starts a new series at the base time.
+                if outlier
+                    .last_ejection_end
+                    .is_some_and(|end| now.duration_since(end) > passive.max_ejection)
+                {
+                    outlier.ejections = 0;
+                }
+                let factor = 1u32
+                    .checked_shl(outlier.ejections.min(16))
+                    .unwrap_or(u32::MAX);
+                let duration = passive
+                    .base_ejection
+                    .saturating_mul(factor)
+                    .min(passive.max_ejection);
+                outlier.ejections = outlier.ejections.saturating_add(1);
+                outlier.consecutive_failures = 0;
+                outlier.ejected_until = Some(now + duration);
+                Ejection::Ejected(duration)
+            }
         }
     }
 
@@ -88,8 +206,10 @@ impl BackendHealth {
         HealthState::from_u8(self.state.load(Ordering::Acquire))
     }
 
+    /// Whether new requests may go to this backend: healthy by its active
+    /// checks and not ejected by passive health.
     pub fn is_healthy(&self) -> bool {
-        self.state() == HealthState::Healthy
+        self.state() == HealthState::Healthy && !self.is_ejected()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -389,6 +509,62 @@ mod tests {
     fn pending_failure_is_unhealthy_at_once() {
         let h = BackendHealth::new("127.0.0.1:1".parse().unwrap(), HealthState::Pending);
         assert_eq!(h.observe(false, &check()), Some(HealthState::Unhealthy));
+    }
+
+    fn passive() -> PassiveHealth {
+        PassiveHealth {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(35),
+            max_ejection_share: 0.5,
+        }
+    }
+
+    #[test]
+    fn ejection_after_consecutive_failures() {
+        let h = BackendHealth::new("127.0.0.1:1".parse().unwrap(), HealthState::Healthy);
+        let p = passive();
+        assert_eq!(h.report(Outcome::Failure, &p, || true), Ejection::None);
+        assert_eq!(h.report(Outcome::Failure, &p, || true), Ejection::None);
+        assert_eq!(h.report(Outcome::Success, &p, || true), Ejection::None);
+        assert_eq!(h.report(Outcome::Failure, &p, || true), Ejection::None);
+        assert_eq!(h.report(Outcome::Failure, &p, || true), Ejection::None);
+        assert!(h.is_healthy());
+        assert_eq!(
+            h.report(Outcome::Failure, &p, || true),
+            Ejection::Ejected(Duration::from_secs(10))
+        );
+        assert!(h.is_ejected() && !h.is_healthy());
+        // Late failures of requests already in flight do not extend it.
+        assert_eq!(h.report(Outcome::Failure, &p, || true), Ejection::None);
+    }
+
+    #[test]
+    fn ejection_time_doubles_up_to_the_cap() {
+        let h = BackendHealth::new("127.0.0.1:1".parse().unwrap(), HealthState::Healthy);
+        let p = passive();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            // End the ejection by hand, as if its time had passed.
+            h.outlier.lock().unwrap().ejected_until = Some(Instant::now());
+            for _ in 0..3 {
+                if let Ejection::Ejected(d) = h.report(Outcome::Failure, &p, || true) {
+                    seen.push(d.as_secs());
+                }
+            }
+        }
+        assert_eq!(seen, vec![10, 20, 35, 35]);
+    }
+
+    #[test]
+    fn cap_holds_ejection_back() {
+        let h = BackendHealth::new("127.0.0.1:1".parse().unwrap(), HealthState::Healthy);
+        let p = passive();
+        for _ in 0..2 {
+            h.report(Outcome::Failure, &p, || false);
+        }
+        assert_eq!(h.report(Outcome::Failure, &p, || false), Ejection::Capped);
+        assert!(h.is_healthy());
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod app;
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod downstream;
 pub mod health;
 pub mod proxy;
 pub mod routing;

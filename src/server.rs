@@ -8,9 +8,11 @@ use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
 
 use crate::app::App;
 use crate::config::Config;
+use crate::downstream::Downstream;
 use crate::proxy::Proxy;
 
 /// Pingora's own command-line switches that `switchyard run` passes through.
@@ -45,18 +47,15 @@ pub fn run(app: Arc<App>, flags: EngineFlags) -> ! {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Proxy::new(Arc::clone(&app)),
-        "switchyard proxy",
-    );
-    if listeners.h2c {
-        if let Some(logic) = proxy.app_logic_mut() {
-            let mut options = HttpServerOptions::default();
-            options.h2c = true;
-            logic.server_options = Some(options);
-        }
-    }
+    let mut http_proxy =
+        pingora::proxy::http_proxy(&server.configuration, Proxy::new(Arc::clone(&app)));
+    let mut options = HttpServerOptions::default();
+    options.h2c = listeners.h2c;
+    options.h2_idle_timeout = Some(config.limits.keepalive_timeout);
+    http_proxy.server_options = Some(options);
+    // Client-side limits wrap the proxy: see `crate::downstream`.
+    let front = Downstream::new(http_proxy, Arc::clone(&app), config.limits.max_connections);
+    let mut proxy = Service::new("switchyard proxy".to_string(), front);
     if let Some(http) = listeners.http {
         proxy.add_tcp(&http.to_string());
     }

@@ -69,6 +69,7 @@ pub struct Config {
     pub acme: Option<Acme>,
     pub log: Log,
     pub proxy: ProxySettings,
+    pub limits: Limits,
     pub routes: Vec<Route>,
     pub pools: BTreeMap<String, Pool>,
 }
@@ -156,6 +157,45 @@ pub struct ProxySettings {
     pub upstream_idle_timeout: Duration,
 }
 
+/// Limits on what a client may hold or send. They protect the proxy and the
+/// backends from slow or oversized clients; each default is explained in
+/// docs/OPERATIONS.md.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// From a connection's first request byte to the end of its header.
+    pub header_read_timeout: Duration,
+    /// How long an idle keep-alive client connection stays open.
+    pub keepalive_timeout: Duration,
+    /// Longest gap between two reads of a request body; routes may override.
+    pub body_read_timeout: Duration,
+    /// Longest wait for a client to accept response bytes.
+    pub response_write_timeout: Duration,
+    /// Request line plus headers, in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Header fields per request; more gets 431.
+    pub max_header_count: usize,
+    /// Client connections open at once across all listeners.
+    pub max_connections: usize,
+    /// How long a connection over `max_connections` waits for a slot before
+    /// it gets 503.
+    pub connection_wait: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(75),
+            body_read_timeout: Duration::from_secs(30),
+            response_write_timeout: Duration::from_secs(60),
+            max_header_bytes: 32 * 1024,
+            max_header_count: 100,
+            max_connections: 10_000,
+            connection_wait: Duration::from_secs(1),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Route {
     pub name: String,
@@ -173,6 +213,8 @@ pub struct Route {
     /// reused connection.
     pub retry_idempotent: bool,
     pub max_body: Option<u64>,
+    /// Longest gap between two reads of a request body on this route.
+    pub body_read_timeout: Duration,
 }
 
 /// A host a route answers for.
@@ -201,6 +243,31 @@ pub struct Pool {
     pub algorithm: Algorithm,
     pub backends: Vec<Backend>,
     pub health: Option<HealthCheck>,
+    /// Outlier detection from live traffic; `None` when disabled.
+    pub passive: Option<PassiveHealth>,
+}
+
+/// Outlier detection: a backend that fails `consecutive_failures` requests
+/// in a row (connection errors or 5xx answers) gets no traffic for an
+/// ejection time that doubles with each repeated ejection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassiveHealth {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// Share of a pool's backends that may be ejected at once, 0 to 1.
+    pub max_ejection_share: f64,
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        PassiveHealth {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+            max_ejection_share: 0.5,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -23,6 +23,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub proxy: RawProxy,
     #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     pub pools: BTreeMap<String, Spanned<RawPool>>,
@@ -105,6 +107,20 @@ pub struct RawProxy {
     pub upstream_idle_timeout: Option<ConfigDuration>,
 }
 
+/// Downstream (client-side) timeouts and limits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub header_read_timeout: Option<ConfigDuration>,
+    pub keepalive_timeout: Option<ConfigDuration>,
+    pub body_read_timeout: Option<ConfigDuration>,
+    pub response_write_timeout: Option<ConfigDuration>,
+    pub max_header_bytes: Option<String>,
+    pub max_header_count: Option<i64>,
+    pub max_connections: Option<i64>,
+    pub connection_wait: Option<ConfigDuration>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
@@ -121,6 +137,7 @@ pub struct RawRoute {
     pub retries: Option<u32>,
     pub retry_idempotent: Option<bool>,
     pub max_body: Option<String>,
+    pub body_read_timeout: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +147,18 @@ pub struct RawPool {
     #[serde(default)]
     pub backends: Vec<RawBackend>,
     pub health: Option<RawHealth>,
+    pub passive: Option<RawPassive>,
+}
+
+/// Passive health (outlier detection) of a pool's backends.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassive {
+    pub enabled: Option<bool>,
+    pub consecutive_failures: Option<i64>,
+    pub base_ejection: Option<ConfigDuration>,
+    pub max_ejection: Option<ConfigDuration>,
+    pub max_ejection_share: Option<f64>,
 }
 
 /// A backend written either as `"127.0.0.1:8000"` or as a table with a weight.

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawBackend, RawConfig, RawHealth, RawPool, RawRoute};
+use super::raw::{RawBackend, RawConfig, RawHealth, RawPassive, RawPool, RawRoute};
 use super::*;
 
 /// Maximum weight of a pool or backend, so that sums never overflow.
@@ -47,7 +47,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
         Ok(raw) => raw,
         Err(err) => {
             let line = err.span().map(|span| c.line_of(span.start));
-            c.error(line, "", err.message().trim().to_string());
+            // The TOML reader gives some errors (such as `key =` with no
+            // value) an empty message; say what is wrong in that case.
+            let message = match err.message().trim() {
+                "" => "invalid TOML: a value is missing or malformed here".to_string(),
+                text => text.to_string(),
+            };
+            c.error(line, "", message);
             return Err(c.errors);
         }
     };
@@ -59,6 +65,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     let acme = acme(&mut c, &raw, &base);
     let log = log(&mut c, &raw);
     let proxy = proxy(&mut c, &raw);
+    let limits = limits(&mut c, &raw);
 
     let mut pools = BTreeMap::new();
     for (name, spanned) in &raw.pools {
@@ -81,7 +88,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
                 "duplicate route name; give each route a unique name",
             );
         }
-        let Some(route) = route(&mut c, line, raw_route, &raw.pools, &proxy) else {
+        let Some(route) = route(&mut c, line, raw_route, &raw.pools, &proxy, &limits) else {
             continue;
         };
         for host in &route.hosts {
@@ -126,6 +133,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
         acme,
         log,
         proxy,
+        limits,
         routes,
         pools,
     })
@@ -401,6 +409,105 @@ fn proxy(c: &mut Collector, raw: &RawConfig) -> ProxySettings {
     }
 }
 
+fn limits(c: &mut Collector, raw: &RawConfig) -> Limits {
+    let l = &raw.limits;
+    let defaults = Limits::default();
+    let mut positive = |key: &str, value: Option<Duration>, default: Duration| -> Duration {
+        match value {
+            None => default,
+            Some(d) if d.is_zero() => {
+                c.error(
+                    None,
+                    format!("limits.{key}"),
+                    "a zero timeout would cut every connection; use a duration above 0, such as \"10s\"",
+                );
+                default
+            }
+            Some(d) => d,
+        }
+    };
+    let header_read_timeout = positive(
+        "header_read_timeout",
+        l.header_read_timeout.map(|d| d.0),
+        defaults.header_read_timeout,
+    );
+    let keepalive_timeout = positive(
+        "keepalive_timeout",
+        l.keepalive_timeout.map(|d| d.0),
+        defaults.keepalive_timeout,
+    );
+    let body_read_timeout = positive(
+        "body_read_timeout",
+        l.body_read_timeout.map(|d| d.0),
+        defaults.body_read_timeout,
+    );
+    let response_write_timeout = positive(
+        "response_write_timeout",
+        l.response_write_timeout.map(|d| d.0),
+        defaults.response_write_timeout,
+    );
+    let max_header_bytes = match l.max_header_bytes.as_deref() {
+        None => defaults.max_header_bytes,
+        Some(text) => match parse_size(text) {
+            Some(size) if (1024..=1024 * 1024).contains(&size) => size as usize,
+            _ => {
+                c.error(
+                    None,
+                    "limits.max_header_bytes",
+                    format!("invalid size {text:?}; use 1KiB to 1MiB, such as \"32KiB\""),
+                );
+                defaults.max_header_bytes
+            }
+        },
+    };
+    let mut count = |key: &str,
+                     value: Option<i64>,
+                     range: std::ops::RangeInclusive<i64>,
+                     default: usize|
+     -> usize {
+        match value {
+            None => default,
+            Some(v) if range.contains(&v) => v as usize,
+            Some(v) => {
+                c.error(
+                    None,
+                    format!("limits.{key}"),
+                    format!(
+                        "invalid value {v}; use {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                default
+            }
+        }
+    };
+    // 250 stays below the 256 header fields Pingora's parser accepts, so
+    // the proxy answers 431 itself instead of Pingora answering 400.
+    let max_header_count = count(
+        "max_header_count",
+        l.max_header_count,
+        1..=250,
+        defaults.max_header_count,
+    );
+    let max_connections = count(
+        "max_connections",
+        l.max_connections,
+        1..=1_000_000,
+        defaults.max_connections,
+    );
+    Limits {
+        header_read_timeout,
+        keepalive_timeout,
+        body_read_timeout,
+        response_write_timeout,
+        max_header_bytes,
+        max_header_count,
+        max_connections,
+        connection_wait: l.connection_wait.map_or(defaults.connection_wait, |d| d.0),
+    }
+}
+
 pub fn parse_ip_net(value: &str) -> Option<IpNet> {
     let (addr, prefix) = match value.split_once('/') {
         Some((addr, prefix)) => (
@@ -469,6 +576,7 @@ fn route(
     raw: &RawRoute,
     raw_pools: &BTreeMap<String, toml::Spanned<RawPool>>,
     proxy: &ProxySettings,
+    limits: &Limits,
 ) -> Option<Route> {
     let key = format!("route {:?}", raw.name);
     let before = c.errors.len();
@@ -536,6 +644,16 @@ fn route(
             }
         },
     };
+    let body_read_timeout = raw
+        .body_read_timeout
+        .map_or(limits.body_read_timeout, |d| d.0);
+    if body_read_timeout.is_zero() {
+        c.error(
+            line,
+            format!("{key}: body_read_timeout"),
+            "a zero timeout would cut every request body; use a duration above 0, such as \"30s\"",
+        );
+    }
     let retries = raw.retries.unwrap_or(1);
     if retries > 5 {
         c.error(
@@ -561,6 +679,7 @@ fn route(
         retries,
         retry_idempotent: raw.retry_idempotent.unwrap_or(true),
         max_body,
+        body_read_timeout,
     })
 }
 
@@ -625,6 +744,7 @@ fn pool(c: &mut Collector, line: Option<usize>, name: &str, raw: &RawPool) -> Op
         });
     }
     let health = raw.health.as_ref().and_then(|h| health(c, line, &key, h));
+    let passive = passive(c, line, &key, raw.passive.as_ref());
     if c.errors.len() > before {
         return None;
     }
@@ -633,6 +753,7 @@ fn pool(c: &mut Collector, line: Option<usize>, name: &str, raw: &RawPool) -> Op
         algorithm,
         backends,
         health,
+        passive,
     })
 }
 
@@ -729,6 +850,68 @@ fn health(
     })
 }
 
+fn passive(
+    c: &mut Collector,
+    line: Option<usize>,
+    pool_key: &str,
+    raw: Option<&RawPassive>,
+) -> Option<PassiveHealth> {
+    let defaults = PassiveHealth::default();
+    let Some(raw) = raw else {
+        return Some(defaults);
+    };
+    let key = format!("{pool_key}: passive");
+    let consecutive_failures = match raw.consecutive_failures {
+        None => defaults.consecutive_failures,
+        Some(v) if (1..=1000).contains(&v) => v as u32,
+        Some(v) => {
+            c.error(
+                line,
+                format!("{key}.consecutive_failures"),
+                format!("invalid count {v}; use 1 to 1000"),
+            );
+            defaults.consecutive_failures
+        }
+    };
+    let base_ejection = raw.base_ejection.map_or(defaults.base_ejection, |d| d.0);
+    let max_ejection = raw
+        .max_ejection
+        .map_or(defaults.max_ejection.max(base_ejection), |d| d.0);
+    if base_ejection < Duration::from_millis(100) {
+        c.error(
+            line,
+            format!("{key}.base_ejection"),
+            "ejection below 100ms; use at least \"100ms\", such as \"10s\"",
+        );
+    }
+    if max_ejection < base_ejection {
+        c.error(
+            line,
+            format!("{key}.max_ejection"),
+            "max_ejection is below base_ejection; set it to at least the base",
+        );
+    }
+    let max_ejection_share = raw
+        .max_ejection_share
+        .unwrap_or(defaults.max_ejection_share);
+    if !(0.0..=1.0).contains(&max_ejection_share) {
+        c.error(
+            line,
+            format!("{key}.max_ejection_share"),
+            format!("invalid share {max_ejection_share}; use a number from 0 to 1, such as 0.5"),
+        );
+    }
+    if raw.enabled == Some(false) {
+        return None;
+    }
+    Some(PassiveHealth {
+        consecutive_failures,
+        base_ejection,
+        max_ejection,
+        max_ejection_share,
+    })
+}
+
 fn status_range(value: &toml::Value) -> Option<(u16, u16)> {
     let (low, high) = match value {
         toml::Value::Integer(code) => (*code, *code),
@@ -748,6 +931,12 @@ fn status_range(value: &toml::Value) -> Option<(u16, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn toml_error_always_has_a_message() {
+        let errors = parse("A=", Path::new("/x.toml")).unwrap_err();
+        assert!(errors.iter().all(|e| !e.message.is_empty()), "{errors:?}");
+    }
 
     #[test]
     fn size_units() {

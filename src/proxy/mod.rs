@@ -8,8 +8,13 @@
 //! 3. `upstream_request_filter`: forwarding headers and the request id.
 //! 4. `response_filter`: hop-by-hop removal, request id, HSTS.
 //! 5. `logging`: the access log event and metrics.
+//!
+//! Client-side limits that apply before a request is parsed (header
+//! deadline, header size, framing, connection count) live in
+//! `crate::downstream` and `framing`.
 
 mod forwarding;
+pub mod framing;
 mod local;
 
 use std::net::{IpAddr, SocketAddr};
@@ -20,10 +25,11 @@ use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::proxy::FailToProxy;
 
 use crate::app::App;
 use crate::config::PlainHttp;
-use crate::health::InFlightGuard;
+use crate::health::{Ejection, InFlightGuard, Outcome};
 use crate::routing::normalize_host;
 use crate::snapshot::{Pick, Snapshot};
 
@@ -48,6 +54,8 @@ pub struct RequestCtx {
     upstream_started: Option<Instant>,
     upstream_header_at: Option<Instant>,
     upstream_status: Option<u16>,
+    /// Request body bytes read so far, for the streaming `max_body` check.
+    body_bytes: u64,
 }
 
 impl RequestCtx {
@@ -103,6 +111,46 @@ impl Proxy {
         }
     }
 
+    /// Feeds passive health with the outcome of the current attempt, and
+    /// ejects the backend when it failed too often in a row, unless the
+    /// pool already has its share of ejected backends.
+    fn report(&self, ctx: &RequestCtx, outcome: Outcome) {
+        let (Some(snapshot), Some((pick, _))) = (&ctx.snapshot, &ctx.current) else {
+            return;
+        };
+        let Some(passive) = snapshot
+            .config
+            .pools
+            .get(&pick.pool.name)
+            .and_then(|pool| pool.passive.as_ref())
+        else {
+            return;
+        };
+        let backends = &pick.pool.backends;
+        let may_eject = || {
+            let cap = (backends.len() as f64 * passive.max_ejection_share).floor() as usize;
+            let ejected = backends.iter().filter(|b| b.health.is_ejected()).count();
+            ejected < cap
+        };
+        match pick.health.report(outcome, passive, may_eject) {
+            Ejection::None => {}
+            Ejection::Ejected(duration) => tracing::warn!(
+                request_id = %ctx.request_id,
+                pool = %pick.pool.name,
+                backend = %pick.address,
+                ejection_ms = duration.as_millis() as u64,
+                "backend ejected by passive health"
+            ),
+            Ejection::Capped => tracing::warn!(
+                request_id = %ctx.request_id,
+                pool = %pick.pool.name,
+                backend = %pick.address,
+                max_ejection_share = passive.max_ejection_share,
+                "backend keeps failing but the pool's ejection cap is reached; it stays in"
+            ),
+        }
+    }
+
     fn build_peer(&self, ctx: &RequestCtx, pick: &Pick, upgrade: bool) -> Box<HttpPeer> {
         let mut peer = HttpPeer::new(pick.address, false, String::new());
         if let (Some(snapshot), Some(route)) = (&ctx.snapshot, ctx.route) {
@@ -119,6 +167,18 @@ impl Proxy {
         }
         Box::new(peer)
     }
+}
+
+/// Reports whether the error proves that the request header was never fully
+/// written to the upstream connection. Pingora 0.9 reports a failed header
+/// write as `WriteError` or `WriteTimedout` with the context "while writing
+/// request headers", before any body byte is sent. A backend cannot act on a
+/// request it never fully received.
+fn request_header_unsent(e: &Error) -> bool {
+    matches!(e.etype(), ErrorType::WriteError | ErrorType::WriteTimedout)
+        && e.context
+            .as_ref()
+            .is_some_and(|c| c.as_str().contains("request header"))
 }
 
 fn peer_ip(session: &Session) -> Option<IpAddr> {
@@ -155,6 +215,7 @@ impl ProxyHttp for Proxy {
             upstream_started: None,
             upstream_header_at: None,
             upstream_status: None,
+            body_bytes: 0,
         }
     }
 
@@ -225,6 +286,11 @@ impl ProxyHttp for Proxy {
                 return Ok(true);
             }
         }
+
+        // Pingora's read timeout bounds each read of the request body, not
+        // the whole body; the write timeout bounds each write of the response.
+        session.set_read_timeout(Some(route_config.body_read_timeout));
+        session.set_write_timeout(Some(snapshot.config.limits.response_write_timeout));
 
         if session.is_upgrade_req() {
             // Pingora's downstream read timeout (60 s by default) also
@@ -302,6 +368,34 @@ impl ProxyHttp for Proxy {
         Ok(peer)
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // `request_filter` already rejected a declared Content-Length over
+        // the limit. A chunked body is counted here as it streams, and the
+        // request is aborted with 413 once it passes the limit.
+        let Some(chunk) = body.as_ref() else {
+            return Ok(());
+        };
+        ctx.body_bytes += chunk.len() as u64;
+        let limit = ctx
+            .snapshot
+            .as_ref()
+            .zip(ctx.route)
+            .and_then(|(s, r)| s.config.routes[r].max_body);
+        match limit {
+            Some(limit) if ctx.body_bytes > limit => Err(Error::explain(
+                ErrorType::HTTPStatus(413),
+                format!("request body passed the route's max_body of {limit} bytes"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -309,6 +403,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        self.report(ctx, Outcome::Failure);
         // A failed connect never delivered a byte, so any method may be
         // retried on another backend.
         let allowed = ctx
@@ -336,26 +431,66 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
+        if e.esource() == &ErrorSource::Upstream {
+            self.report(ctx, Outcome::Failure);
+        }
+        let never_sent = request_header_unsent(&e);
         let mut e = e.more_context(format!("Peer: {peer}"));
         let route = ctx
             .snapshot
             .as_ref()
             .zip(ctx.route)
             .map(|(s, r)| &s.config.routes[r]);
-        let allowed = route.is_some_and(|r| r.retry_idempotent && ctx.attempts <= r.retries);
-        // Only an idempotent request may be sent again after it may have
-        // reached a backend, and only when the failure came from a reused
-        // pooled connection that the backend had closed. A webhook POST is
-        // never replayed.
-        if !allowed
-            || !session.req_header().method.is_idempotent()
-            || session.as_ref().retry_buffer_truncated()
-        {
+        let within_budget = route.is_some_and(|r| ctx.attempts <= r.retries);
+        let idempotent_allowed = route.is_some_and(|r| r.retry_idempotent)
+            && session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        if !within_budget {
             e.set_retry(false);
-        } else {
+        } else if never_sent {
+            // The request header never made it onto the connection, so no
+            // backend can have acted on it: any method may go elsewhere.
+            e.set_retry(true);
+        } else if idempotent_allowed {
+            // Pingora marks a failure on a reused pooled connection that
+            // produced no response byte as `ReusedOnly`; resolve it.
             e.retry.decide_reuse(client_reused);
+        } else {
+            // The request may have reached the backend: a webhook POST is
+            // never sent twice.
+            e.set_retry(false);
         }
         e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        // Pingora's default mapping, except that a client too slow with its
+        // body gets 408 rather than 400.
+        let code = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(code), _) => *code,
+            (_, ErrorSource::Upstream) => 502,
+            (
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+                ErrorSource::Downstream,
+            ) => 0,
+            (ErrorType::ReadTimedout, ErrorSource::Downstream) => 408,
+            (_, ErrorSource::Downstream) => 400,
+            _ => 500,
+        };
+        if code > 0 {
+            if let Err(err) = session.respond_error(code).await {
+                tracing::debug!(error = %err, "cannot send the error response to the client");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn upstream_request_filter(
@@ -395,7 +530,16 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_header_at = Some(Instant::now());
-        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        let status = upstream_response.status.as_u16();
+        ctx.upstream_status = Some(status);
+        self.report(
+            ctx,
+            if status >= 500 {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            },
+        );
         Ok(())
     }
 

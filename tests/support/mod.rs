@@ -53,6 +53,8 @@ pub struct TestBackend {
     pub addr: SocketAddr,
     pub name: String,
     pub health_status: Arc<AtomicU16>,
+    /// When not 0, every request other than a health check gets this status.
+    pub fail_status: Arc<AtomicU16>,
     /// Requests other than health checks.
     pub hits: Arc<AtomicUsize>,
     pub recorded: Arc<Mutex<Vec<Recorded>>>,
@@ -75,12 +77,14 @@ impl TestBackend {
             addr,
             name: name.to_string(),
             health_status: Arc::new(AtomicU16::new(200)),
+            fail_status: Arc::new(AtomicU16::new(0)),
             hits: Arc::new(AtomicUsize::new(0)),
             recorded: Arc::new(Mutex::new(Vec::new())),
             stop,
         };
         let name: Arc<str> = Arc::from(name);
         let health = Arc::clone(&backend.health_status);
+        let fail = Arc::clone(&backend.fail_status);
         let hits = Arc::clone(&backend.hits);
         let recorded = Arc::clone(&backend.recorded);
         tokio::spawn(async move {
@@ -91,24 +95,26 @@ impl TestBackend {
                     _ = stopped_accept.changed() => break,
                 };
                 let Ok((stream, _)) = accepted else { continue };
-                let (name, health, hits, recorded) = (
+                let (name, health, fail, hits, recorded) = (
                     Arc::clone(&name),
                     Arc::clone(&health),
+                    Arc::clone(&fail),
                     Arc::clone(&hits),
                     Arc::clone(&recorded),
                 );
                 let mut stopped_conn = stopped.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                        let (name, health, hits, recorded) = (
+                        let (name, health, fail, hits, recorded) = (
                             Arc::clone(&name),
                             Arc::clone(&health),
+                            Arc::clone(&fail),
                             Arc::clone(&hits),
                             Arc::clone(&recorded),
                         );
                         async move {
                             Ok::<_, Infallible>(
-                                answer(request, &name, &health, &hits, &recorded).await,
+                                answer(request, &name, &health, &fail, &hits, &recorded).await,
                             )
                         }
                     });
@@ -129,6 +135,11 @@ impl TestBackend {
     /// Stops accepting and drops every open connection, like a killed process.
     pub fn kill(&self) {
         let _ = self.stop.send(true);
+    }
+
+    /// Answers `status` to every request other than health checks; 0 stops.
+    pub fn set_fail(&self, status: u16) {
+        self.fail_status.store(status, Ordering::SeqCst);
     }
 
     pub fn set_health(&self, status: u16) {
@@ -154,6 +165,7 @@ async fn answer(
     request: Request<hyper::body::Incoming>,
     name: &str,
     health: &AtomicU16,
+    fail: &AtomicU16,
     hits: &AtomicUsize,
     recorded: &Mutex<Vec<Recorded>>,
 ) -> Response<Full<Bytes>> {
@@ -189,7 +201,10 @@ async fn answer(
         headers,
         body,
     });
-    let mut status = 200;
+    let mut status = match fail.load(Ordering::SeqCst) {
+        0 => 200,
+        code => code,
+    };
     if let Some(code) = path.strip_prefix("/status/") {
         status = code.parse().unwrap_or(500);
     }
@@ -227,10 +242,25 @@ impl ProxyProcess {
     /// Writes a config (the `[listeners]` table is added here) and starts
     /// the proxy; returns once the HTTP listener accepts connections.
     pub async fn start(body: &str) -> ProxyProcess {
+        ProxyProcess::start_with_grace("1s", "1s", body).await
+    }
+
+    /// Like [`ProxyProcess::start`], with the shutdown grace period and the
+    /// runtime shutdown timeout given.
+    pub async fn start_with_grace(grace: &str, shutdown_timeout: &str, body: &str) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config_path = dir.path().join("switchyard.toml");
-        std::fs::write(&config_path, proxy_config(dir.path(), http, body)).expect("write config");
+        let text = proxy_config(dir.path(), http, body)
+            .replace(
+                "grace_period = \"1s\"",
+                &format!("grace_period = \"{grace}\""),
+            )
+            .replace(
+                "graceful_shutdown_timeout = \"1s\"",
+                &format!("graceful_shutdown_timeout = \"{shutdown_timeout}\""),
+            );
+        std::fs::write(&config_path, text).expect("write config");
         let log_path = dir.path().join("switchyard.log");
         let log = std::fs::File::create(&log_path).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
@@ -272,8 +302,44 @@ impl ProxyProcess {
         self.child.id()
     }
 
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// Starts a second process on the same config with `--upgrade`, which
+    /// takes over the listening sockets once this one gets SIGQUIT. Its
+    /// output goes to `upgrade.log` in the same directory.
+    pub fn spawn_upgrade(&self) -> ChildGuard {
+        let log_path = self.dir.path().join("upgrade.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("run")
+            .arg("-u")
+            .arg("-c")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("log clone")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn switchyard --upgrade");
+        ChildGuard { child, log_path }
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The log without terminal colour codes, so `key=value` fields match.
+    pub fn plain_logs(&self) -> String {
+        strip_ansi(&self.logs())
     }
 
     /// Replaces the config file body (listeners are kept) and sends SIGHUP.
@@ -318,6 +384,126 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Removes terminal colour sequences (`ESC [ ... m`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            for next in chars.by_ref() {
+                if next == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// A child process killed when dropped.
+pub struct ChildGuard {
+    pub child: Child,
+    pub log_path: PathBuf,
+}
+
+impl ChildGuard {
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A hand-written TCP backend: `handler` gets each accepted connection and
+/// its 0-based index. Lets tests misbehave in ways a real server will not.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawBackend {
+    pub async fn start<F, Fut>(handler: F) -> RawBackend
+    where
+        F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind raw backend");
+        let addr = listener.local_addr().expect("raw backend address");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&connections);
+        let handler = Arc::new(handler);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let index = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(handler(stream, index));
+            }
+        });
+        RawBackend {
+            addr,
+            connections,
+            task,
+        }
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one HTTP/1.1 request (header and a Content-Length body) from a
+/// raw backend connection; `None` when the peer closed first.
+pub async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let header_end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..header_end]).into_owned();
+    let length = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    while buffer.len() < header_end + length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    Some((head, buffer[header_end..header_end + length].to_vec()))
 }
 
 fn proxy_config(dir: &Path, http: SocketAddr, body: &str) -> String {
