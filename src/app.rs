@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use crate::config::{Config, ConfigErrors};
 use crate::health::HealthRegistry;
 use crate::snapshot::{Overrides, Snapshot, SnapshotCell};
+use crate::tls::CertStore;
 
 /// Answers ACME HTTP-01 challenges on the plain listener.
 pub trait Http01Responder: Send + Sync {
@@ -19,6 +20,7 @@ pub struct App {
     pub registry: Arc<HealthRegistry>,
     pub config_path: PathBuf,
     http01: OnceLock<Arc<dyn Http01Responder>>,
+    certs: OnceLock<Arc<CertStore>>,
 }
 
 /// What a successful reload changed.
@@ -42,6 +44,7 @@ impl App {
             registry,
             config_path,
             http01: OnceLock::new(),
+            certs: OnceLock::new(),
         })
     }
 
@@ -49,6 +52,17 @@ impl App {
         if self.http01.set(responder).is_err() {
             tracing::warn!("an ACME HTTP-01 responder was already installed; keeping the first");
         }
+    }
+
+    /// Attaches the certificate store; called once at start when TLS is on.
+    pub fn set_cert_store(&self, store: Arc<CertStore>) {
+        if self.certs.set(store).is_err() {
+            tracing::warn!("a certificate store was already attached; keeping the first");
+        }
+    }
+
+    pub fn cert_store(&self) -> Option<&Arc<CertStore>> {
+        self.certs.get()
     }
 
     pub fn http01_response(&self, token: &str) -> Option<String> {
@@ -96,6 +110,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.admin.socket != new.admin.socket {
         changed.push("admin.socket".to_string());
+    }
+    if old.tls.default_certificate != new.tls.default_certificate
+        || old.tls.reject_unknown_sni != new.tls.reject_unknown_sni
+        || old.tls.store != new.tls.store
+    {
+        changed.push("tls".to_string());
     }
     if old.admin.metrics != new.admin.metrics {
         changed.push("admin.metrics".to_string());

@@ -86,6 +86,7 @@ pub fn write_config(
     std::fs::create_dir_all(dir)?;
     let text = TEMPLATE
         .replace("127.0.0.1:8080", &options.http.to_string())
+        .replace("127.0.0.1:8443", &options.https.to_string())
         .replace("127.0.0.1:9901", &options.metrics.to_string())
         .replace("127.0.0.1:18001", &blue.to_string())
         .replace("127.0.0.1:18002", &green.to_string())
@@ -104,9 +105,16 @@ pub fn instructions(options: &DemoOptions, config: &Path) -> String {
          Try:\n\
          \x20 curl -s http://{http}/          # answers \"blue\" (weights blue=100 green=0)\n\
          \x20 curl -si http://{http}/ | grep -i x-request-id\n\
+         \x20 curl -s --http2 --cacert {certs}/localhost.crt https://localhost:{https_port}/\n\
          \n\
          Stop with Ctrl-C.\n",
         config = config.display(),
         http = options.http,
+        certs = config
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("certs")
+            .display(),
+        https_port = options.https.port(),
     )
 }

@@ -136,6 +136,14 @@ fn run_demo(options: demo::DemoOptions) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Err(err) = switchyard::tls::generate_self_signed(
+        &dir.join("certs"),
+        "localhost",
+        &["localhost", "127.0.0.1"],
+    ) {
+        eprintln!("{err}");
+        return ExitCode::from(1);
+    }
     let path = match demo::write_config(&dir, &options, blue, green) {
         Ok(path) => path,
         Err(err) => {

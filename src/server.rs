@@ -14,6 +14,8 @@ use crate::app::App;
 use crate::config::Config;
 use crate::downstream::Downstream;
 use crate::proxy::Proxy;
+use crate::tls::{self, CertStore, ResolverOptions, SniResolver};
+use pingora::listeners::tls::TlsSettings;
 
 /// Pingora's own command-line switches that `switchyard run` passes through.
 #[derive(Clone, Debug, Default)]
@@ -59,7 +61,16 @@ pub fn run(app: Arc<App>, flags: EngineFlags) -> ! {
     if let Some(http) = listeners.http {
         proxy.add_tcp(&http.to_string());
     }
-    // TODO: the HTTPS listener joins here with the certificate store.
+    if let Some(https) = listeners.https {
+        let settings = match https_settings(&app, config) {
+            Ok(settings) => settings,
+            Err(message) => {
+                eprintln!("cannot start the HTTPS listener on {https}: {message}");
+                std::process::exit(1);
+            }
+        };
+        proxy.add_tls_with_settings(&https.to_string(), None, settings);
+    }
     let control = background_service(
         "control",
         Control {
@@ -80,6 +91,27 @@ pub fn run(app: Arc<App>, flags: EngineFlags) -> ! {
     server.run_forever()
 }
 
+/// Opens the certificate store, attaches it to `app` and builds the HTTPS
+/// listener settings over it.
+fn https_settings(app: &App, config: &Config) -> Result<TlsSettings, String> {
+    let store = CertStore::open(&config.tls.store).map_err(|e| e.to_string())?;
+    if store.certificates().is_empty() && config.acme.is_none() {
+        tracing::warn!(
+            store = %config.tls.store.display(),
+            "the certificate store is empty and ACME is off, so every handshake will fail; add NAME.crt and NAME.key"
+        );
+    }
+    let resolver = SniResolver::new(
+        Arc::clone(&store),
+        ResolverOptions {
+            default_certificate: config.tls.default_certificate.clone(),
+            reject_unknown_sni: config.tls.reject_unknown_sni,
+        },
+    );
+    app.set_cert_store(store);
+    tls::listener_settings(Arc::new(resolver)).map_err(|e| e.to_string())
+}
+
 /// Background work that is not request handling: health probes and reloads.
 struct Control {
     app: Arc<App>,
@@ -91,6 +123,10 @@ impl BackgroundService for Control {
         self.app
             .registry
             .start_probes(tokio::runtime::Handle::current());
+        if let Some(store) = self.app.cert_store() {
+            let every = self.app.snapshots.load().config.tls.rescan_interval;
+            tokio::spawn(Arc::clone(store).watch(every));
+        }
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
             Ok(signal) => Some(signal),
@@ -116,6 +152,11 @@ impl BackgroundService for Control {
 /// Reloads the config file and logs the outcome; an invalid file keeps the
 /// running config.
 pub fn reload(app: &App, trigger: &str) {
+    if let Some(store) = app.cert_store() {
+        for error in store.rescan().errors {
+            tracing::error!(trigger, %error, "certificate not loaded");
+        }
+    }
     match app.reload() {
         Ok(reloaded) => {
             tracing::info!(trigger, generation = reloaded.generation, "config reloaded");

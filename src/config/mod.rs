@@ -111,7 +111,6 @@ pub struct Tls {
     pub store: PathBuf,
     pub default_certificate: Option<String>,
     pub reject_unknown_sni: bool,
-    pub min_version_13: bool,
     pub hsts: Option<String>,
     pub rescan_interval: Duration,
 }

@@ -290,23 +290,25 @@ fn tls(c: &mut Collector, raw: &RawConfig, base: &Path) -> Tls {
             false
         }
     };
-    let min_version_13 = match t.min_version.as_deref() {
-        None | Some("1.2") => false,
-        Some("1.3") => true,
-        Some(other) => {
-            c.error(
-                None,
-                "tls.min_version",
-                format!("invalid TLS version {other:?}; use \"1.2\" or \"1.3\""),
-            );
-            false
-        }
-    };
+    match t.min_version.as_deref() {
+        None | Some("1.2") => {}
+        // NOTE: Pingora 0.9.1's rustls listener always builds its config
+        // with TLS 1.2 and 1.3 enabled and offers no setting to drop 1.2.
+        Some("1.3") => c.error(
+            None,
+            "tls.min_version",
+            "\"1.3\" is not supported: the listener always accepts TLS 1.2 and 1.3; remove the key or set \"1.2\"",
+        ),
+        Some(other) => c.error(
+            None,
+            "tls.min_version",
+            format!("invalid TLS version {other:?}; use \"1.2\""),
+        ),
+    }
     Tls {
         store: relative(base, t.store.as_deref().unwrap_or("certs")),
         default_certificate: t.default_certificate.clone(),
         reject_unknown_sni,
-        min_version_13,
         hsts: t.hsts.clone(),
         rescan_interval: t.rescan_interval.map_or(Duration::from_secs(5), |d| d.0),
     }
