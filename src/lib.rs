@@ -8,6 +8,8 @@ pub mod config;
 pub mod demo;
 pub mod downstream;
 pub mod health;
+pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -35,6 +35,9 @@ enum Command {
         /// Detach and run in the background.
         #[arg(short, long)]
         daemon: bool,
+        /// Log in JSON, one object per line, whatever the config says.
+        #[arg(long)]
+        json_logs: bool,
     },
     /// Validate a config file: print every error and exit 1, or a summary and exit 0.
     Check {
@@ -59,20 +62,6 @@ enum Command {
     },
 }
 
-fn init_logging(level: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_log::LogTracer::init();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -95,6 +84,7 @@ fn main() -> ExitCode {
             config,
             upgrade,
             daemon,
+            json_logs,
         } => {
             let config = match Config::load(&config) {
                 Ok(config) => config,
@@ -103,7 +93,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            init_logging(&config.log.level, config.log.json);
+            // A daemon forks after this point, and a writer thread does not
+            // survive a fork, so a daemon logs directly.
+            switchyard::logging::init(&config.log.level, config.log.json || json_logs, !daemon);
             let app = app::App::new(config, Overrides::default());
             server::run(app, server::EngineFlags { upgrade, daemon })
         }
@@ -125,7 +117,7 @@ fn main() -> ExitCode {
 }
 
 fn run_demo(options: demo::DemoOptions) -> ExitCode {
-    init_logging("info", false);
+    switchyard::logging::init("info", false, true);
     let dir = options.dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()))
     });

@@ -13,6 +13,7 @@ use pingora::services::listening::Service;
 use crate::app::App;
 use crate::config::Config;
 use crate::downstream::Downstream;
+use crate::metrics;
 use crate::proxy::Proxy;
 use crate::tls::{self, CertStore, ResolverOptions, SniResolver};
 use pingora::listeners::tls::TlsSettings;
@@ -127,6 +128,9 @@ impl BackgroundService for Control {
             let every = self.app.snapshots.load().config.tls.rescan_interval;
             tokio::spawn(Arc::clone(store).watch(every));
         }
+        if let Some(address) = self.app.snapshots.load().config.admin.metrics {
+            tokio::spawn(metrics::serve(Arc::clone(&self.app), address));
+        }
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
             Ok(signal) => Some(signal),
@@ -159,12 +163,20 @@ pub fn reload(app: &App, trigger: &str) {
     }
     match app.reload() {
         Ok(reloaded) => {
+            metrics::global()
+                .config_reloads
+                .with_label_values(&["ok"])
+                .inc();
             tracing::info!(trigger, generation = reloaded.generation, "config reloaded");
             for key in reloaded.needs_restart {
                 tracing::warn!(key = %key, "this setting changed but takes effect only after a restart or binary upgrade");
             }
         }
         Err(errors) => {
+            metrics::global()
+                .config_reloads
+                .with_label_values(&["rejected"])
+                .inc();
             for error in &errors.errors {
                 tracing::error!(trigger, file = %errors.file.display(), "{error}");
             }

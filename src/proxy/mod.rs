@@ -30,6 +30,7 @@ use pingora::proxy::FailToProxy;
 use crate::app::App;
 use crate::config::PlainHttp;
 use crate::health::{Ejection, InFlightGuard, Outcome};
+use crate::metrics;
 use crate::routing::normalize_host;
 use crate::snapshot::{Pick, Snapshot};
 
@@ -306,6 +307,10 @@ impl ProxyHttp for Proxy {
             }
             None => {
                 let retry_after = snapshot.config.proxy.no_backend_wait.as_secs().max(1);
+                metrics::global()
+                    .no_healthy_backend
+                    .with_label_values(&[route_config.name.as_str()])
+                    .inc();
                 tracing::warn!(
                     request_id = %ctx.request_id,
                     route = %route_config.name,
@@ -412,6 +417,19 @@ impl ProxyHttp for Proxy {
             .zip(ctx.route)
             .map_or(0, |(s, r)| s.config.routes[r].retries);
         let retry = ctx.attempts <= allowed;
+        let route = ctx.route_name().unwrap_or("");
+        let (pool, backend) = match &ctx.current {
+            Some((pick, _)) => (pick.pool.name.as_str(), pick.address.to_string()),
+            None => ("", String::new()),
+        };
+        let metrics = metrics::global();
+        metrics
+            .upstream_connect_errors
+            .with_label_values(&[route, pool, backend.as_str()])
+            .inc();
+        if retry {
+            metrics.retries.with_label_values(&[route, "connect"]).inc();
+        }
         tracing::warn!(
             request_id = %ctx.request_id,
             backend = %peer,
@@ -459,6 +477,17 @@ impl ProxyHttp for Proxy {
             // The request may have reached the backend: a webhook POST is
             // never sent twice.
             e.set_retry(false);
+        }
+        if e.retry() {
+            let reason = if never_sent {
+                "request_unsent"
+            } else {
+                "reused_connection"
+            };
+            metrics::global()
+                .retries
+                .with_label_values(&[ctx.route_name().unwrap_or(""), reason])
+                .inc();
         }
         e
     }
@@ -569,15 +598,23 @@ impl ProxyHttp for Proxy {
             Some((pick, _)) => (pick.pool.name.as_str(), pick.address.to_string()),
             None => ("", String::new()),
         };
-        let log_access = ctx
-            .snapshot
-            .as_ref()
-            .is_none_or(|s| s.config.log.access_log);
+        let route = ctx.route_name().unwrap_or("");
+        let elapsed = ctx.started.elapsed();
+        metrics::global().record_request(route, pool, status, elapsed);
+        let (log_access, log_query) = ctx.snapshot.as_ref().map_or((true, false), |s| {
+            (s.config.log.access_log, s.config.log.log_query)
+        });
         if log_access {
             let request = session.req_header();
             let upstream_ms = match (ctx.upstream_started, ctx.upstream_header_at) {
                 (Some(start), Some(header)) => header.duration_since(start).as_secs_f64() * 1000.0,
                 _ => 0.0,
+            };
+            // Webhook verification queries carry tokens, so the query string
+            // is left out unless the config asks for it.
+            let path = match (log_query, request.uri.path_and_query()) {
+                (true, Some(path_and_query)) => path_and_query.as_str(),
+                _ => request.uri.path(),
             };
             tracing::info!(
                 target: "switchyard::access",
@@ -585,13 +622,13 @@ impl ProxyHttp for Proxy {
                 client = %session.client_addr().map(|a| a.to_string()).unwrap_or_default(),
                 method = %request.method,
                 host = %ctx.host,
-                path = %request.uri.path(),
+                path,
                 status,
-                route = ctx.route_name().unwrap_or(""),
+                route,
                 pool,
                 backend = %backend,
                 upstream_ms,
-                total_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+                total_ms = elapsed.as_secs_f64() * 1000.0,
                 bytes_in = session.body_bytes_read(),
                 bytes_out = session.body_bytes_sent(),
                 retries = ctx.attempts.saturating_sub(1),

@@ -248,18 +248,25 @@ impl ProxyProcess {
     /// Like [`ProxyProcess::start`], with the shutdown grace period and the
     /// runtime shutdown timeout given.
     pub async fn start_with_grace(grace: &str, shutdown_timeout: &str, body: &str) -> ProxyProcess {
+        let grace = format!("grace_period = \"{grace}\"");
+        let shutdown_timeout = format!("graceful_shutdown_timeout = \"{shutdown_timeout}\"");
+        ProxyProcess::start_rewritten(body, |text| {
+            text.replace("grace_period = \"1s\"", &grace)
+                .replace("graceful_shutdown_timeout = \"1s\"", &shutdown_timeout)
+        })
+        .await
+    }
+
+    /// Like [`ProxyProcess::start`], with `rewrite` applied to the whole
+    /// config text first (for example to turn the metrics listener on).
+    pub async fn start_rewritten(
+        body: &str,
+        rewrite: impl FnOnce(String) -> String,
+    ) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config_path = dir.path().join("switchyard.toml");
-        let text = proxy_config(dir.path(), http, body)
-            .replace(
-                "grace_period = \"1s\"",
-                &format!("grace_period = \"{grace}\""),
-            )
-            .replace(
-                "graceful_shutdown_timeout = \"1s\"",
-                &format!("graceful_shutdown_timeout = \"{shutdown_timeout}\""),
-            );
+        let text = rewrite(proxy_config(dir.path(), http, body));
         std::fs::write(&config_path, text).expect("write config");
         let log_path = dir.path().join("switchyard.log");
         let log = std::fs::File::create(&log_path).expect("log file");
