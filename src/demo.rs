@@ -107,9 +107,14 @@ pub fn instructions(options: &DemoOptions, config: &Path) -> String {
          \x20 curl -si http://{http}/ | grep -i x-request-id\n\
          \x20 curl -s --http2 --cacert {certs}/localhost.crt https://localhost:{https_port}/\n\
          \n\
+         Metrics and health:\n\
+         \x20 curl -s http://{metrics}/metrics | grep switchyard_requests_total\n\
+         \x20 curl -s http://{metrics}/readyz\n\
+         \n\
          Stop with Ctrl-C.\n",
         config = config.display(),
         http = options.http,
+        metrics = options.metrics,
         certs = config
             .parent()
             .unwrap_or(Path::new("."))
