@@ -278,6 +278,10 @@ fn head_end(buffer: &[u8]) -> Option<usize> {
 /// short time to read it (closing with unread input would send a reset
 /// that can destroy the response in flight).
 async fn reject(stream: &mut Stream, rejection: &Rejection) {
+    crate::metrics::global()
+        .rejected_requests
+        .with_label_values(&[rejection.status.to_string().as_str()])
+        .inc();
     let response = rejection.to_response();
     let linger = async {
         if stream.write_all(&response).await.is_err() {

@@ -412,3 +412,29 @@ async fn json_access_log_has_fields_and_no_secrets() {
         "the request body reached the logs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_requests_are_counted() {
+    let blue = TestBackend::start("blue").await;
+    let green = TestBackend::start("green").await;
+    let (proxy, metrics) = start_with_metrics(
+        &blue_green(&[&blue], &[&green], (100, 0), FAST_HEALTH),
+        false,
+    )
+    .await;
+    let smuggled = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    for _ in 0..2 {
+        let response = raw_exchange(proxy.http, smuggled.as_bytes(), Duration::from_secs(3)).await;
+        assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    }
+    let samples = parse_metrics(&scrape(metrics, "/metrics").await.text());
+    assert_eq!(
+        value(
+            &samples,
+            "switchyard_rejected_requests_total",
+            &[("status", "400")]
+        ),
+        2.0
+    );
+    assert_eq!(blue.hits(), 0);
+}

@@ -377,8 +377,23 @@ fn log(c: &mut Collector, raw: &RawConfig) -> Log {
             false
         }
     };
+    let level = l.level.clone().unwrap_or_else(|| "info".to_string());
+    // A misspelt level such as "debgu" would parse as a target name and
+    // silence every other log line, so only known level names pass.
+    let known = ["trace", "debug", "info", "warn", "error", "off"];
+    let directives_valid = level.split(',').all(|directive| {
+        let level_part = directive.rsplit('=').next().unwrap_or("").trim();
+        known.contains(&level_part.to_ascii_lowercase().as_str())
+    });
+    if !directives_valid {
+        c.error(
+            None,
+            "log.level",
+            format!("invalid log level {level:?}; use trace, debug, info, warn, error or off, optionally per target such as \"info,switchyard::access=off\""),
+        );
+    }
     Log {
-        level: l.level.clone().unwrap_or_else(|| "info".to_string()),
+        level,
         json,
         access_log: l.access_log.unwrap_or(true),
         log_query: l.log_query.unwrap_or(false),
