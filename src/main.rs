@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use switchyard::config::Config;
-use switchyard::snapshot::Overrides;
-use switchyard::{app, demo, server};
+use switchyard::{admin, app, demo, server};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -57,6 +56,8 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Talk to a running proxy over its admin socket.
+    Ctl(admin::ctl::CtlArgs),
 }
 
 fn init_logging(level: &str, json: bool) {
@@ -104,9 +105,15 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config.log.level, config.log.json);
-            let app = app::App::new(config, Overrides::default());
+            let restored = admin::state::restore(&config);
+            let app = app::App::new(config, restored.overrides);
+            if let Err(message) = admin::prepare(&app, restored.shifts, upgrade) {
+                eprintln!("error: {message}");
+                return ExitCode::from(1);
+            }
             server::run(app, server::EngineFlags { upgrade, daemon })
         }
+        Command::Ctl(args) => admin::ctl::run(args),
         Command::Demo {
             http,
             https,
@@ -150,7 +157,12 @@ fn run_demo(options: demo::DemoOptions) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let restored = admin::state::restore(&config);
+    let app = app::App::new(config, restored.overrides);
+    if let Err(message) = admin::prepare(&app, restored.shifts, false) {
+        eprintln!("error: {message}");
+        return ExitCode::from(1);
+    }
     println!("{}", demo::instructions(&options, &path));
-    let app = app::App::new(config, Overrides::default());
     server::run(app, server::EngineFlags::default())
 }

@@ -1,5 +1,6 @@
 //! Assembles the Pingora server: the proxy service with its listeners and
-//! the background control service (health probes, SIGHUP reloads).
+//! the background control service (health probes, SIGHUP reloads, the
+//! admin socket and shift controllers).
 
 use std::sync::Arc;
 
@@ -92,6 +93,7 @@ impl BackgroundService for Control {
         self.app
             .registry
             .start_probes(tokio::runtime::Handle::current());
+        crate::admin::start(&self.app, shutdown.clone());
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
             Ok(signal) => Some(signal),
