@@ -56,6 +56,8 @@ pub struct TestBackend {
     /// Requests other than health checks.
     pub hits: Arc<AtomicUsize>,
     pub recorded: Arc<Mutex<Vec<Recorded>>>,
+    /// When N > 0, every Nth request other than a health check answers 500.
+    pub fail_every: Arc<AtomicUsize>,
     stop: watch::Sender<bool>,
 }
 
@@ -77,12 +79,14 @@ impl TestBackend {
             health_status: Arc::new(AtomicU16::new(200)),
             hits: Arc::new(AtomicUsize::new(0)),
             recorded: Arc::new(Mutex::new(Vec::new())),
+            fail_every: Arc::new(AtomicUsize::new(0)),
             stop,
         };
         let name: Arc<str> = Arc::from(name);
         let health = Arc::clone(&backend.health_status);
         let hits = Arc::clone(&backend.hits);
         let recorded = Arc::clone(&backend.recorded);
+        let fail_every = Arc::clone(&backend.fail_every);
         tokio::spawn(async move {
             let mut stopped_accept = stopped.clone();
             loop {
@@ -91,25 +95,32 @@ impl TestBackend {
                     _ = stopped_accept.changed() => break,
                 };
                 let Ok((stream, _)) = accepted else { continue };
-                let (name, health, hits, recorded) = (
+                let (name, health, hits, recorded, fail_every) = (
                     Arc::clone(&name),
                     Arc::clone(&health),
                     Arc::clone(&hits),
                     Arc::clone(&recorded),
+                    Arc::clone(&fail_every),
                 );
                 let mut stopped_conn = stopped.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                        let (name, health, hits, recorded) = (
+                        let (name, health, hits, recorded, fail_every) = (
                             Arc::clone(&name),
                             Arc::clone(&health),
                             Arc::clone(&hits),
                             Arc::clone(&recorded),
+                            Arc::clone(&fail_every),
                         );
                         async move {
-                            Ok::<_, Infallible>(
-                                answer(request, &name, &health, &hits, &recorded).await,
-                            )
+                            let mut response =
+                                answer(request, &name, &health, &hits, &recorded).await;
+                            let every = fail_every.load(Ordering::SeqCst);
+                            let counted = response.headers().contains_key("x-pool");
+                            if counted && every > 0 && hits.load(Ordering::SeqCst) % every == 0 {
+                                *response.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                            }
+                            Ok::<_, Infallible>(response)
                         }
                     });
                     let connection = http1::Builder::new()
@@ -137,6 +148,11 @@ impl TestBackend {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Makes every `n`th request (health checks aside) answer 500; 0 turns it off.
+    pub fn set_fail_every(&self, n: usize) {
+        self.fail_every.store(n, Ordering::SeqCst);
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -227,21 +243,22 @@ impl ProxyProcess {
     /// Writes a config (the `[listeners]` table is added here) and starts
     /// the proxy; returns once the HTTP listener accepts connections.
     pub async fn start(body: &str) -> ProxyProcess {
+        ProxyProcess::start_with_admin(body, "").await
+    }
+
+    /// Like [`ProxyProcess::start`], with extra lines for the `[admin]`
+    /// table, such as the lines [`admin_lines`] returns.
+    pub async fn start_with_admin(body: &str, admin: &str) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config_path = dir.path().join("switchyard.toml");
-        std::fs::write(&config_path, proxy_config(dir.path(), http, body)).expect("write config");
+        let text = proxy_config(dir.path(), http, body).replace(
+            "[admin]\nmetrics = \"off\"\n",
+            &format!("[admin]\nmetrics = \"off\"\n{admin}\n"),
+        );
+        std::fs::write(&config_path, text).expect("write config");
         let log_path = dir.path().join("switchyard.log");
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .arg("run")
-            .arg("-c")
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(log.try_clone().expect("log clone")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn switchyard");
+        let child = spawn_proxy(&config_path, &log_path, false);
         let proxy = ProxyProcess {
             child,
             http,
@@ -251,6 +268,60 @@ impl ProxyProcess {
         };
         proxy.wait_listening().await;
         proxy
+    }
+
+    /// Kills the process (SIGKILL, so nothing is saved at exit) and starts
+    /// it again with the same config; returns once it listens.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_proxy(&self.config_path, &self.log_path, false);
+        self.wait_listening().await;
+    }
+
+    /// Performs a binary upgrade: starts `switchyard run --upgrade` with the
+    /// same config, sends SIGQUIT to the running process and waits until it
+    /// has exited. The new process replaces it in `self`.
+    pub async fn upgrade(&mut self) {
+        let next = spawn_proxy(&self.config_path, &self.log_path, true);
+        // The new process must be waiting on the upgrade socket before the
+        // old one sends its listeners there.
+        let upgrade_socket = self.dir.path().join("upgrade.sock");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !upgrade_socket.exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut old = std::mem::replace(&mut self.child, next);
+        unsafe {
+            libc::kill(old.id() as i32, libc::SIGQUIT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if old.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = old.kill();
+                panic!(
+                    "the old process did not exit within 20 s of SIGQUIT; log:\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("admin.sock")
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.path().join("state.json")
+    }
+
+    /// Connects to the admin socket set up by [`admin_lines`].
+    pub async fn admin(&self) -> AdminClient {
+        AdminClient::connect(&self.admin_socket()).await
     }
 
     async fn wait_listening(&self) {
@@ -317,6 +388,95 @@ impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+fn spawn_proxy(config_path: &Path, log_path: &Path, upgrade: bool) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("log file");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    command.arg("run").arg("-c").arg(config_path);
+    if upgrade {
+        command.arg("--upgrade");
+    }
+    command
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::from(log.try_clone().expect("log clone")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn switchyard")
+}
+
+/// `[admin]` lines for an admin socket and state file in the proxy's dir.
+pub fn admin_lines() -> &'static str {
+    "socket = \"admin.sock\"\nstate_file = \"state.json\""
+}
+
+/// A client of the admin socket: one JSON request line, one response line.
+pub struct AdminClient {
+    reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl AdminClient {
+    pub async fn connect(path: &Path) -> AdminClient {
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
+        let (read, writer) = stream.into_split();
+        AdminClient {
+            reader: tokio::io::BufReader::new(read),
+            writer,
+        }
+    }
+
+    /// Sends raw bytes (a newline is not added) and reads one response line;
+    /// `None` when the server closed the connection first.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Option<serde_json::Value> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        // A server that rejects a long line stops reading, so the write may
+        // fail; the response is read regardless.
+        let _ = self.writer.write_all(bytes).await;
+        let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), self.reader.read_line(&mut line))
+            .await
+            .expect("admin response within 10 s");
+        match read {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("response {line:?}: {e}")),
+            ),
+        }
+    }
+
+    pub async fn request(&mut self, request: serde_json::Value) -> serde_json::Value {
+        let mut line = serde_json::to_vec(&request).unwrap();
+        line.push(b'\n');
+        self.send_raw(&line).await.expect("a response line")
+    }
+
+    /// Sends a request that must succeed and returns its response.
+    pub async fn ok(&mut self, request: serde_json::Value) -> serde_json::Value {
+        let response = self.request(request.clone()).await;
+        assert_eq!(
+            response["ok"],
+            serde_json::json!(true),
+            "{request} -> {response}"
+        );
+        response
+    }
+
+    /// Whether the server has closed the connection.
+    pub async fn is_closed(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.reader.read(&mut byte)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
     }
 }
 
