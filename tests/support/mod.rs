@@ -422,10 +422,20 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
+    /// Connects, retrying for up to 10 s while the socket does not exist yet
+    /// or nobody accepts on it (a process that is still starting).
     pub async fn connect(path: &Path) -> AdminClient {
-        let stream = tokio::net::UnixStream::connect(path)
-            .await
-            .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match tokio::net::UnixStream::connect(path).await {
+                Ok(stream) => break stream,
+                Err(err) if Instant::now() < deadline => {
+                    let _ = err;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => panic!("connect to {}: {err}", path.display()),
+            }
+        };
         let (read, writer) = stream.into_split();
         AdminClient {
             reader: tokio::io::BufReader::new(read),
