@@ -164,9 +164,9 @@ async fn upgrade_keeps_weights_without_failures() {
     for client in clients {
         client.await.unwrap();
     }
-    let failures = failures.lock().unwrap();
+    let failures = failures.lock().unwrap().clone();
     assert!(failures.is_empty(), "failed requests: {failures:?}");
-    let answered = answered.lock().unwrap();
+    let answered = answered.lock().unwrap().clone();
     assert!(answered.len() > 100, "only {} requests", answered.len());
     assert!(
         answered.iter().all(|pool| pool == "green"),
