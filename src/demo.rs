@@ -105,8 +105,17 @@ pub fn instructions(options: &DemoOptions, config: &Path) -> String {
          \x20 curl -s http://{http}/          # answers \"blue\" (weights blue=100 green=0)\n\
          \x20 curl -si http://{http}/ | grep -i x-request-id\n\
          \n\
+         Flip and shift traffic over the admin socket {socket}\n\
+         (keep a loop running meanwhile: while sleep 0.2; do curl -s http://{http}/; done):\n\
+         \x20 switchyard ctl -c {config} status\n\
+         \x20 switchyard ctl -c {config} weights demo blue=0 green=100\n\
+         \x20 switchyard ctl -c {config} weights demo blue=100 green=0\n\
+         \x20 switchyard ctl -c {config} shift demo --to green --step 20 --every 5s --min-requests 5\n\
+         \x20 switchyard ctl -c {config} rollback demo\n\
+         \n\
          Stop with Ctrl-C.\n",
         config = config.display(),
         http = options.http,
+        socket = config.with_file_name("admin.sock").display(),
     )
 }

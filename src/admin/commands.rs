@@ -415,7 +415,7 @@ fn start_shift(
     };
     let first = shift::next_weights(&previous, &previous, &request.to, request.step);
     let state = format!(
-        "stepping: {:?} at {} %",
+        "stepping: {} at {} %",
         request.to,
         shift::share_percent(&first, &request.to)
     );
@@ -733,7 +733,7 @@ fn shift_tick(app: &App, route: &str, controller: u64) -> bool {
             match commit(app, &writer, &current, current.overrides.clone(), shifts) {
                 Ok(published) => {
                     app.admin
-                        .finish_shift(route, format!("completed: {:?} at 100 %", active.plan.to));
+                        .finish_shift(route, format!("completed: {} at 100 %", active.plan.to));
                     drop(writer);
                     tracing::info!(route, to = %active.plan.to, "shift completed");
                     audit(
@@ -761,7 +761,7 @@ fn shift_tick(app: &App, route: &str, controller: u64) -> bool {
             );
             active.pending = Default::default();
             active.state = format!(
-                "stepping: {:?} at {} %",
+                "stepping: {} at {} %",
                 active.plan.to,
                 shift::share_percent(&next, &active.plan.to)
             );

@@ -339,7 +339,7 @@ pub fn render(command: &CtlCommand, response: &Value) -> String {
             weights_text(&response["weights"]),
         ),
         CtlCommand::Shift { .. } => format!(
-            "route {}: shift toward {} started: {} -> {} (generation {generation})\nwatch it with: switchyard ctl status\n",
+            "route {}: shift toward {} started: {} -> {} (generation {generation})\nfollow it with the status command\n",
             text(&response["route"]),
             text(&response["shift"]["to"]),
             weights_text(&response["previous"]),
