@@ -15,7 +15,7 @@ use super::state;
 use crate::app::App;
 use crate::snapshot::{Overrides, Snapshot};
 
-/// Who asked for a change, for the audit log.
+/// The originator of a change, for the audit log.
 #[derive(Clone, Copy, Debug)]
 pub enum Actor {
     /// A client of the admin socket, as the kernel reported it.
@@ -525,8 +525,8 @@ fn set_drained(
     if drain {
         overrides.drained.insert(key);
         if !force {
-            // A route that would be left with no usable backend in any of
-            // its weighted pools would answer 503 to every request.
+            // A route left with no usable backend in any of its weighted
+            // pools would return 503 to every request.
             for route in &current.route_states {
                 let uses_pool = route
                     .pools
@@ -608,7 +608,7 @@ fn reload(app: &App, actor: Actor) -> Result<Value, AdminError> {
             .map(|(route, shift)| (route, shift.plan))
             .collect();
         if let Err(err) = state::write(path, &current.overrides, &plans, current.generation) {
-            // The reload itself succeeded; the file still holds the runtime
+            // The reload itself succeeded. The file still contains the runtime
             // state, and routes whose pools changed are dropped again at start.
             tracing::error!(state_file = %path.display(), error = %err, "cannot write the state file after a reload");
             persisted = false;
@@ -790,7 +790,7 @@ fn shift_tick(app: &App, route: &str, controller: u64) -> bool {
     }
 }
 
-/// The `status` response.
+/// Builds the `status` response.
 pub fn status(app: &App) -> Value {
     let snapshot = app.snapshots.load();
     let shifts = app.admin.shifts();

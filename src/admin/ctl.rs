@@ -327,7 +327,7 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// The human-readable form of a successful response.
+/// Renders a successful response as text for a terminal.
 pub fn render(command: &CtlCommand, response: &Value) -> String {
     let generation = text(&response["generation"]);
     match command {

@@ -30,9 +30,9 @@ use protocol::{AdminError, ErrorCode};
 use shift::{ActiveShift, ShiftPlan};
 use window::Outcomes;
 
-/// The certificate manager as the admin socket sees it. The TLS and ACME
+/// The certificate manager interface the admin socket calls. The TLS and ACME
 /// modules install one with [`AdminState::set_cert_control`]; until then
-/// `certs` and `renew` answer "not configured".
+/// `certs` and `renew` return "not configured".
 #[async_trait]
 pub trait CertControl: Send + Sync {
     /// Lists the certificates with their names and expiry, as JSON.
@@ -48,13 +48,13 @@ pub struct AdminState {
     certs: OnceLock<Arc<dyn CertControl>>,
     /// Shifts in progress by route. Changed only under the snapshot writer lock.
     shifts: Mutex<BTreeMap<String, ActiveShift>>,
-    /// How the last shift of each route ended, for `status`.
+    /// The outcome of each route's last shift, for `status`.
     finished: Mutex<BTreeMap<String, String>>,
     startup: Mutex<Option<Startup>>,
     handing_over: AtomicBool,
 }
 
-/// What [`prepare`] leaves for [`start`].
+/// The bound socket and mode that [`prepare`] leaves for [`start`].
 struct Startup {
     socket: Option<socket::BoundSocket>,
     upgrade: bool,
@@ -97,7 +97,7 @@ impl AdminState {
         })
     }
 
-    /// A copy of the shifts in progress.
+    /// Returns a copy of the shifts in progress.
     fn shifts(&self) -> BTreeMap<String, ActiveShift> {
         lock(&self.shifts).clone()
     }

@@ -454,7 +454,7 @@ pub fn error_response(error: &AdminError, id: Option<Value>) -> Value {
     out
 }
 
-/// A weights map as JSON.
+/// Converts a weights map to JSON.
 pub fn weights_json(weights: &BTreeMap<String, u32>) -> Value {
     json!(weights)
 }

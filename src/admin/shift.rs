@@ -28,7 +28,7 @@ pub struct Limits {
     pub max_error_rate: f64,
     /// Highest tolerated 99th percentile latency, in milliseconds.
     pub max_p99_ms: u64,
-    /// Fewest samples a window needs before a decision is made.
+    /// Minimum samples a window needs before a decision is made.
     pub min_requests: u64,
 }
 
@@ -78,7 +78,7 @@ pub struct ActiveShift {
     /// Samples of windows that held because they had too few requests;
     /// they count toward the next decision.
     pub pending: WindowStats,
-    /// What the controller did last, for `status`.
+    /// The controller's last action, for `status`.
     pub state: String,
     pub last_window: Option<Value>,
 }
@@ -154,7 +154,7 @@ pub fn judge(stats: &WindowStats, limits: &Limits) -> Verdict {
     Verdict::Pass
 }
 
-/// A window summary for `status` and logs.
+/// Summarizes a window for `status` and logs.
 pub fn window_json(stats: &WindowStats) -> Value {
     json!({
         "requests": stats.requests,
@@ -164,7 +164,7 @@ pub fn window_json(stats: &WindowStats) -> Value {
     })
 }
 
-/// The target pool's share of `weights` in whole percent.
+/// Returns the target pool's share of `weights` in whole percent.
 pub fn share_percent(weights: &BTreeMap<String, u32>, to: &str) -> u32 {
     let total: u64 = weights.values().map(|w| u64::from(*w)).sum();
     let target = u64::from(weights.get(to).copied().unwrap_or(0));
@@ -174,7 +174,7 @@ pub fn share_percent(weights: &BTreeMap<String, u32>, to: &str) -> u32 {
     ((target * 100 + total / 2) / total) as u32
 }
 
-/// Whether `weights` already send everything to `to`.
+/// Returns whether `weights` already send everything to `to`.
 pub fn is_complete(weights: &BTreeMap<String, u32>, to: &str) -> bool {
     weights
         .iter()
@@ -182,7 +182,7 @@ pub fn is_complete(weights: &BTreeMap<String, u32>, to: &str) -> bool {
         && weights.get(to).is_some_and(|w| *w > 0)
 }
 
-/// The weights after one more step toward `to`, as percentages adding up
+/// Computes the weights after one more step toward `to`, as percentages adding up
 /// to 100. The other pools share the rest in proportion to `start`, with
 /// the largest remainders rounded up so the sum is exact.
 pub fn next_weights(

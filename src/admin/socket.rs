@@ -16,7 +16,7 @@ use super::commands::{self, Actor};
 use super::protocol::{self, AdminError, ErrorCode};
 use crate::app::App;
 
-/// Longest request line accepted, in bytes, newline included. A longer
+/// Maximum request line length in bytes, newline included. A longer
 /// line gets an error and the connection is closed.
 pub const MAX_LINE: usize = 64 * 1024;
 /// Clients served at the same time; one more gets an error and is closed.
@@ -56,7 +56,7 @@ enum Probe {
     Live,
 }
 
-/// Finds out whether `path` is free, a socket nobody listens on, or live.
+/// Finds out whether `path` is free, a stale socket with no listener, or live.
 fn probe(path: &Path) -> Result<Probe, String> {
     let metadata = match std::fs::symlink_metadata(path) {
         Ok(metadata) => metadata,

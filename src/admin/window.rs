@@ -30,7 +30,7 @@ pub struct PoolWindow {
     latency: [AtomicU64; BUCKETS],
 }
 
-/// What one or more windows measured.
+/// Measurements of one or more windows.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WindowStats {
     pub requests: u64,
@@ -92,7 +92,7 @@ impl WindowStats {
         }
     }
 
-    /// The 99th percentile latency as the upper bound of the bucket that
+    /// Returns the 99th percentile latency as the upper bound of the bucket that
     /// contains it, so it overestimates by at most one bucket width. `None`
     /// for an empty window; `Duration::MAX` when it lies in the overflow bucket.
     pub fn p99(&self) -> Option<Duration> {
