@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use crate::admin::AdminState;
 use crate::config::{Config, ConfigErrors};
 use crate::health::HealthRegistry;
 use crate::snapshot::{Overrides, Snapshot, SnapshotCell};
@@ -19,6 +20,9 @@ pub struct App {
     pub snapshots: SnapshotCell,
     pub registry: Arc<HealthRegistry>,
     pub config_path: PathBuf,
+    /// Admin socket state: shifts in progress, their outcome windows, the
+    /// certificate control hook.
+    pub admin: AdminState,
     http01: OnceLock<Arc<dyn Http01Responder>>,
     certs: OnceLock<Arc<CertStore>>,
 }
@@ -43,6 +47,7 @@ impl App {
             snapshots: SnapshotCell::new(snapshot),
             registry,
             config_path,
+            admin: AdminState::new(),
             http01: OnceLock::new(),
             certs: OnceLock::new(),
         })

@@ -111,6 +111,14 @@ pub fn instructions(options: &DemoOptions, config: &Path) -> String {
          \x20 curl -s http://{metrics}/metrics | grep switchyard_requests_total\n\
          \x20 curl -s http://{metrics}/readyz\n\
          \n\
+         Flip and shift traffic over the admin socket {socket}\n\
+         (keep a loop running meanwhile: while sleep 0.2; do curl -s http://{http}/; done):\n\
+         \x20 switchyard ctl -c {config} status\n\
+         \x20 switchyard ctl -c {config} weights demo blue=0 green=100\n\
+         \x20 switchyard ctl -c {config} weights demo blue=100 green=0\n\
+         \x20 switchyard ctl -c {config} shift demo --to green --step 20 --every 5s --min-requests 5\n\
+         \x20 switchyard ctl -c {config} rollback demo\n\
+         \n\
          Stop with Ctrl-C.\n",
         config = config.display(),
         http = options.http,
@@ -121,5 +129,6 @@ pub fn instructions(options: &DemoOptions, config: &Path) -> String {
             .join("certs")
             .display(),
         https_port = options.https.port(),
+        socket = config.with_file_name("admin.sock").display(),
     )
 }

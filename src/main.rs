@@ -13,8 +13,7 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use switchyard::config::Config;
-use switchyard::snapshot::Overrides;
-use switchyard::{app, demo, server};
+use switchyard::{admin, app, demo, server};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -66,6 +65,8 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Talk to a running proxy over its admin socket.
+    Ctl(admin::ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -102,9 +103,15 @@ fn main() -> ExitCode {
             // A daemon forks after this point, and a writer thread does not
             // survive a fork, so a daemon logs directly.
             switchyard::logging::init(&config.log.level, config.log.json || json_logs, !daemon);
-            let app = app::App::new(config, Overrides::default());
+            let restored = admin::state::restore(&config);
+            let app = app::App::new(config, restored.overrides);
+            if let Err(message) = admin::prepare(&app, restored.shifts, upgrade) {
+                eprintln!("error: {message}");
+                return ExitCode::from(1);
+            }
             server::run(app, server::EngineFlags { upgrade, daemon })
         }
+        Command::Ctl(args) => admin::ctl::run(args),
         Command::Demo {
             http,
             https,
@@ -156,7 +163,12 @@ fn run_demo(options: demo::DemoOptions) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let restored = admin::state::restore(&config);
+    let app = app::App::new(config, restored.overrides);
+    if let Err(message) = admin::prepare(&app, restored.shifts, false) {
+        eprintln!("error: {message}");
+        return ExitCode::from(1);
+    }
     println!("{}", demo::instructions(&options, &path));
-    let app = app::App::new(config, Overrides::default());
     server::run(app, server::EngineFlags::default())
 }

@@ -1,5 +1,6 @@
 //! Assembles the Pingora server: the proxy service with its listeners and
-//! the background control service (health probes, SIGHUP reloads).
+//! the background control service (health probes, SIGHUP reloads, the
+//! admin socket and shift controllers).
 
 use std::sync::Arc;
 
@@ -131,6 +132,7 @@ impl BackgroundService for Control {
         if let Some(address) = self.app.snapshots.load().config.admin.metrics {
             tokio::spawn(metrics::serve(Arc::clone(&self.app), address));
         }
+        crate::admin::start(&self.app, shutdown.clone());
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
             Ok(signal) => Some(signal),

@@ -91,6 +91,19 @@ async fn start_with_metrics(body: &str, json_logs: bool) -> (ProxyProcess, Socke
     (proxy, metrics)
 }
 
+/// Scrapes `/metrics` until `ready` holds (up to 5 s): the proxy counts a
+/// request in its logging phase, just after the client got the response.
+async fn scrape_until(metrics: SocketAddr, ready: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let samples = parse_metrics(&scrape(metrics, "/metrics").await.text());
+        if ready(&samples) || std::time::Instant::now() > deadline {
+            return samples;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn scrape(metrics: SocketAddr, path: &str) -> Reply {
     for _ in 0..100 {
         if let Ok(reply) = get(metrics, "localhost", path).await {
@@ -139,7 +152,10 @@ async fn counters_match_requests_sent() {
         .header("content-type")
         .unwrap()
         .starts_with("text/plain; version=0.0.4"));
-    let samples = parse_metrics(&reply.text());
+    let samples = scrape_until(metrics, |samples| {
+        value(samples, "switchyard_requests_total", &[]) >= 12.0
+    })
+    .await;
     let requests = "switchyard_requests_total";
     assert_eq!(
         value(
@@ -227,7 +243,7 @@ async fn gauges_follow_health_and_weights() {
             &[("pool", "green"), ("backend", &green_addr)],
         )
     };
-    let samples = parse_metrics(&scrape(metrics, "/metrics").await.text());
+    let samples = scrape_until(metrics, |samples| healthy(samples) == 1.0).await;
     assert_eq!(healthy(&samples), 1.0);
 
     green.set_health(500);
@@ -427,14 +443,22 @@ async fn rejected_requests_are_counted() {
         let response = raw_exchange(proxy.http, smuggled.as_bytes(), Duration::from_secs(3)).await;
         assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     }
-    let samples = parse_metrics(&scrape(metrics, "/metrics").await.text());
+    let samples = scrape_until(metrics, |samples| {
+        value(samples, "switchyard_rejected_requests_total", &[]) >= 2.0
+    })
+    .await;
+    let rejected: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.name == "switchyard_rejected_requests_total")
+        .collect();
     assert_eq!(
         value(
             &samples,
             "switchyard_rejected_requests_total",
             &[("status", "400")]
         ),
-        2.0
+        2.0,
+        "{rejected:?}"
     );
     assert_eq!(blue.hits(), 0);
 }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use duration::format_duration;
+pub use validate::MAX_WEIGHT;
 
 /// One problem found in a config file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +105,12 @@ pub struct Admin {
     pub socket_mode: u32,
     pub metrics: Option<SocketAddr>,
     pub state_file: Option<PathBuf>,
+    /// Share of failed requests (0 to 1) above which a shift rolls back.
+    pub shift_max_error_rate: f64,
+    /// 99th percentile latency above which a shift rolls back.
+    pub shift_max_p99: Duration,
+    /// Requests a shift window needs before the controller decides.
+    pub shift_min_requests: u64,
 }
 
 #[derive(Clone, Debug)]

@@ -53,6 +53,10 @@ pub struct RawAdmin {
     pub socket_mode: Option<String>,
     pub metrics: Option<String>,
     pub state_file: Option<String>,
+    /// Default limits of a progressive shift; a `shift` command may override each.
+    pub shift_max_error_rate: Option<f64>,
+    pub shift_max_p99: Option<ConfigDuration>,
+    pub shift_min_requests: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -268,11 +268,22 @@ fn admin(c: &mut Collector, raw: &RawConfig, base: &Path) -> Admin {
         Some(value) => socket_addr(c, "admin.metrics", value),
         None => Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
     };
+    let shift_max_error_rate = a.shift_max_error_rate.unwrap_or(0.05);
+    if !(0.0..=1.0).contains(&shift_max_error_rate) {
+        c.error(
+            None,
+            "admin.shift_max_error_rate",
+            format!("invalid rate {shift_max_error_rate}; use a fraction from 0 to 1, such as 0.05 for 5 %"),
+        );
+    }
     Admin {
         socket: a.socket.as_deref().map(|v| relative(base, v)),
         socket_mode,
         metrics,
         state_file: a.state_file.as_deref().map(|v| relative(base, v)),
+        shift_max_error_rate,
+        shift_max_p99: a.shift_max_p99.map_or(Duration::from_secs(1), |d| d.0),
+        shift_min_requests: a.shift_min_requests.unwrap_or(20),
     }
 }
 

@@ -636,6 +636,15 @@ impl ProxyHttp for Proxy {
                 "request"
             );
         }
+        if let (Some(route), Some((pick, _))) = (ctx.route_name(), &ctx.current) {
+            // A shift judges its target pool by 5xx answers and upstream
+            // failures; a client that went away is not the pool's fault.
+            let failed = status >= 500 || error.is_some_and(|e| e.esource == ErrorSource::Upstream);
+            self.app
+                .admin
+                .outcomes
+                .record(route, &pick.pool.name, failed, ctx.started.elapsed());
+        }
         // Dropping the guard ends the backend's in-flight count.
         ctx.current.take();
     }

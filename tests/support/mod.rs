@@ -58,6 +58,8 @@ pub struct TestBackend {
     /// Requests other than health checks.
     pub hits: Arc<AtomicUsize>,
     pub recorded: Arc<Mutex<Vec<Recorded>>>,
+    /// When N > 0, every Nth request other than a health check answers 500.
+    pub fail_every: Arc<AtomicUsize>,
     stop: watch::Sender<bool>,
 }
 
@@ -80,6 +82,7 @@ impl TestBackend {
             fail_status: Arc::new(AtomicU16::new(0)),
             hits: Arc::new(AtomicUsize::new(0)),
             recorded: Arc::new(Mutex::new(Vec::new())),
+            fail_every: Arc::new(AtomicUsize::new(0)),
             stop,
         };
         let name: Arc<str> = Arc::from(name);
@@ -87,6 +90,7 @@ impl TestBackend {
         let fail = Arc::clone(&backend.fail_status);
         let hits = Arc::clone(&backend.hits);
         let recorded = Arc::clone(&backend.recorded);
+        let fail_every = Arc::clone(&backend.fail_every);
         tokio::spawn(async move {
             let mut stopped_accept = stopped.clone();
             loop {
@@ -95,27 +99,34 @@ impl TestBackend {
                     _ = stopped_accept.changed() => break,
                 };
                 let Ok((stream, _)) = accepted else { continue };
-                let (name, health, fail, hits, recorded) = (
+                let (name, health, fail, hits, recorded, fail_every) = (
                     Arc::clone(&name),
                     Arc::clone(&health),
                     Arc::clone(&fail),
                     Arc::clone(&hits),
                     Arc::clone(&recorded),
+                    Arc::clone(&fail_every),
                 );
                 let mut stopped_conn = stopped.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                        let (name, health, fail, hits, recorded) = (
+                        let (name, health, fail, hits, recorded, fail_every) = (
                             Arc::clone(&name),
                             Arc::clone(&health),
                             Arc::clone(&fail),
                             Arc::clone(&hits),
                             Arc::clone(&recorded),
+                            Arc::clone(&fail_every),
                         );
                         async move {
-                            Ok::<_, Infallible>(
-                                answer(request, &name, &health, &fail, &hits, &recorded).await,
-                            )
+                            let mut response =
+                                answer(request, &name, &health, &fail, &hits, &recorded).await;
+                            let every = fail_every.load(Ordering::SeqCst);
+                            let counted = response.headers().contains_key("x-pool");
+                            if counted && every > 0 && hits.load(Ordering::SeqCst) % every == 0 {
+                                *response.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                            }
+                            Ok::<_, Infallible>(response)
                         }
                     });
                     let connection = http1::Builder::new()
@@ -148,6 +159,11 @@ impl TestBackend {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Makes every `n`th request (health checks aside) answer 500; 0 turns it off.
+    pub fn set_fail_every(&self, n: usize) {
+        self.fail_every.store(n, Ordering::SeqCst);
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -221,12 +237,30 @@ async fn answer(
         .unwrap()
 }
 
-/// Returns a loopback port that was free a moment ago.
+/// Returns a loopback port that was free a moment ago, for a listener the
+/// proxy binds itself.
+///
+/// Ports come from 20000-32767, below Linux's ephemeral range (32768 and
+/// up), so a port handed out here is never taken meanwhile by a backend or
+/// client of a parallel test that binds port 0. Each test process starts at
+/// an offset derived from its pid, and counts up from there.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 400) * 30,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..2000 {
+        let candidate = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + (candidate - 20_000) % 12_768;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free loopback port in 20000-32767");
 }
 
 /// A running `switchyard run` process with its own temp dir and config.
@@ -269,16 +303,7 @@ impl ProxyProcess {
         let text = rewrite(proxy_config(dir.path(), http, body));
         std::fs::write(&config_path, text).expect("write config");
         let log_path = dir.path().join("switchyard.log");
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .arg("run")
-            .arg("-c")
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(log.try_clone().expect("log clone")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn switchyard");
+        let child = spawn_proxy(&config_path, &log_path, false);
         let proxy = ProxyProcess {
             child,
             http,
@@ -288,6 +313,70 @@ impl ProxyProcess {
         };
         proxy.wait_listening().await;
         proxy
+    }
+
+    /// Like [`ProxyProcess::start`], with extra lines for the `[admin]`
+    /// table, such as the lines [`admin_lines`] returns.
+    pub async fn start_with_admin(body: &str, admin: &str) -> ProxyProcess {
+        let admin = format!("[admin]\nmetrics = \"off\"\n{admin}\n");
+        ProxyProcess::start_rewritten(body, |text| {
+            text.replace("[admin]\nmetrics = \"off\"\n", &admin)
+        })
+        .await
+    }
+
+    /// Kills the process (SIGKILL, so nothing is saved at exit) and starts
+    /// it again with the same config; returns once it listens.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_proxy(&self.config_path, &self.log_path, false);
+        self.wait_listening().await;
+    }
+
+    /// Performs a binary upgrade: starts `switchyard run --upgrade` with the
+    /// same config, sends SIGQUIT to the running process and waits until it
+    /// has exited. The new process replaces it in `self`.
+    pub async fn upgrade(&mut self) {
+        let next = spawn_proxy(&self.config_path, &self.log_path, true);
+        // The new process must be waiting on the upgrade socket before the
+        // old one sends its listeners there.
+        let upgrade_socket = self.dir.path().join("upgrade.sock");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !upgrade_socket.exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut old = std::mem::replace(&mut self.child, next);
+        unsafe {
+            libc::kill(old.id() as i32, libc::SIGQUIT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if old.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = old.kill();
+                panic!(
+                    "the old process did not exit within 20 s of SIGQUIT; log:\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("admin.sock")
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.path().join("state.json")
+    }
+
+    /// Connects to the admin socket set up by [`admin_lines`].
+    pub async fn admin(&self) -> AdminClient {
+        AdminClient::connect(&self.admin_socket()).await
     }
 
     async fn wait_listening(&self) {
@@ -511,6 +600,105 @@ pub async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
         buffer.extend_from_slice(&chunk[..n]);
     }
     Some((head, buffer[header_end..header_end + length].to_vec()))
+}
+
+fn spawn_proxy(config_path: &Path, log_path: &Path, upgrade: bool) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("log file");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    command.arg("run").arg("-c").arg(config_path);
+    if upgrade {
+        command.arg("--upgrade");
+    }
+    command
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::from(log.try_clone().expect("log clone")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn switchyard")
+}
+
+/// `[admin]` lines for an admin socket and state file in the proxy's dir.
+pub fn admin_lines() -> &'static str {
+    "socket = \"admin.sock\"\nstate_file = \"state.json\""
+}
+
+/// A client of the admin socket: one JSON request line, one response line.
+pub struct AdminClient {
+    reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl AdminClient {
+    /// Connects, retrying for up to 10 s while the socket does not exist yet
+    /// or nobody accepts on it (a process that is still starting).
+    pub async fn connect(path: &Path) -> AdminClient {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match tokio::net::UnixStream::connect(path).await {
+                Ok(stream) => break stream,
+                Err(err) if Instant::now() < deadline => {
+                    let _ = err;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => panic!("connect to {}: {err}", path.display()),
+            }
+        };
+        let (read, writer) = stream.into_split();
+        AdminClient {
+            reader: tokio::io::BufReader::new(read),
+            writer,
+        }
+    }
+
+    /// Sends raw bytes (a newline is not added) and reads one response line;
+    /// `None` when the server closed the connection first.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Option<serde_json::Value> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        // A server that rejects a long line stops reading, so the write may
+        // fail; the response is read regardless.
+        let _ = self.writer.write_all(bytes).await;
+        let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), self.reader.read_line(&mut line))
+            .await
+            .expect("admin response within 10 s");
+        match read {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("response {line:?}: {e}")),
+            ),
+        }
+    }
+
+    pub async fn request(&mut self, request: serde_json::Value) -> serde_json::Value {
+        let mut line = serde_json::to_vec(&request).unwrap();
+        line.push(b'\n');
+        self.send_raw(&line).await.expect("a response line")
+    }
+
+    /// Sends a request that must succeed and returns its response.
+    pub async fn ok(&mut self, request: serde_json::Value) -> serde_json::Value {
+        let response = self.request(request.clone()).await;
+        assert_eq!(
+            response["ok"],
+            serde_json::json!(true),
+            "{request} -> {response}"
+        );
+        response
+    }
+
+    /// Whether the server has closed the connection.
+    pub async fn is_closed(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.reader.read(&mut byte)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
 }
 
 fn proxy_config(dir: &Path, http: SocketAddr, body: &str) -> String {
