@@ -110,6 +110,10 @@ fn https_settings(app: &App, config: &Config) -> Result<TlsSettings, String> {
             reject_unknown_sni: config.tls.reject_unknown_sni,
         },
     );
+    app.admin
+        .set_cert_control(Arc::new(crate::admin::certs::StoreCertControl {
+            store: Arc::clone(&store),
+        }));
     app.set_cert_store(store);
     tls::listener_settings(Arc::new(resolver)).map_err(|e| e.to_string())
 }

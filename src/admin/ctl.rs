@@ -440,9 +440,23 @@ fn render_certs(certificates: &Value) -> String {
     match certificates {
         Value::Array(list) if list.is_empty() => "certificates: none\n".to_string(),
         Value::Array(list) => {
-            let mut out = String::from("certificates:\n");
+            let mut out = format!(
+                "{:<24} {:<10} {:<12} {:<40} {}\n",
+                "CERTIFICATE", "EXPIRES", "MANAGED BY", "SERIAL", "NAMES"
+            );
             for cert in list {
-                out.push_str(&format!("  {}\n", text(cert)));
+                let names = cert["dns_names"]
+                    .as_array()
+                    .map(|names| names.iter().map(text).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default();
+                out.push_str(&format!(
+                    "{:<24} {:<10} {:<12} {:<40} {}\n",
+                    text(&cert["name"]),
+                    format!("{}d", text(&cert["expires_in_days"])),
+                    text(&cert["managed_by"]),
+                    text(&cert["serial"]),
+                    names
+                ));
             }
             out
         }

@@ -9,6 +9,7 @@
 //! 3. [`start`], from the control service's runtime, serves the socket and
 //!    runs the shift controllers until shutdown.
 
+pub mod certs;
 pub mod commands;
 pub mod ctl;
 pub mod protocol;
