@@ -587,21 +587,14 @@ impl AcmeManager {
             }
         };
         tracing::info!(host, trigger, "placing an ACME order");
-        let replaces = self.replaced_certificate(host);
-        let outcome = tokio::time::timeout(
-            self.options.order_timeout,
-            self.order_and_install(host, replaces),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(OrderFailure {
-                message: format!(
-                    "order for {host} timed out after {:?}",
-                    self.options.order_timeout
-                ),
-                problem: None,
-            })
-        });
+        let mut outcome = self.order_with_timeout(host).await;
+        if outcome.as_ref().is_err_and(|f| f.account_unknown()) {
+            // The CA lost or removed the account: register a new one and
+            // try once more at once instead of waiting out a back-off.
+            retire_credentials(&self.options);
+            *self.account.lock().await = None;
+            outcome = self.order_with_timeout(host).await;
+        }
         match outcome {
             Ok(installed) => {
                 let serial = installed.serial.clone();
@@ -624,6 +617,24 @@ impl AcmeManager {
                 Err(AcmeError(failure.message))
             }
         }
+    }
+
+    async fn order_with_timeout(&self, host: &str) -> Result<CurrentCert, OrderFailure> {
+        let replaces = self.replaced_certificate(host);
+        tokio::time::timeout(
+            self.options.order_timeout,
+            self.order_and_install(host, replaces),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(OrderFailure {
+                message: format!(
+                    "order for {host} timed out after {:?}",
+                    self.options.order_timeout
+                ),
+                problem: None,
+            })
+        })
     }
 
     async fn order_and_install(

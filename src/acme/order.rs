@@ -50,7 +50,7 @@ impl OrderFailure {
                 message: format!("{context}: {problem}"),
                 problem: Some(problem),
             },
-            other => OrderFailure::new(format!("{context}: {other}")),
+            other => OrderFailure::new(format!("{context}: {}", error_chain(&other))),
         }
     }
 
@@ -62,6 +62,21 @@ impl OrderFailure {
             .and_then(|p| p.r#type.as_deref())
             .is_some_and(|t| t == "urn:ietf:params:acme:error:accountDoesNotExist")
     }
+}
+
+/// `error` and its sources, so that "client error (Connect)" says why.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 impl fmt::Display for OrderFailure {
