@@ -21,6 +21,7 @@ mod account;
 mod challenge;
 mod journal;
 mod manager;
+mod metrics;
 mod options;
 mod order;
 pub mod schedule;
@@ -29,6 +30,7 @@ mod store;
 pub use challenge::{ChallengeResponder, Interception, TlsAlpnInterceptor, ACME_TLS_ALPN};
 pub use journal::{JournalEntry, Outcome};
 pub use manager::{AcmeManager, AcmeObserver, HostStatus, LastResult, OrderCounters, OrderResult};
+pub use metrics::PrometheusObserver;
 pub use options::{
     AcmeOptions, ChallengeKind, KeyType, RenewalPolicy, LETS_ENCRYPT_PRODUCTION,
     LETS_ENCRYPT_STAGING,

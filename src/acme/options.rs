@@ -140,6 +140,32 @@ impl AcmeOptions {
         }
     }
 
+    /// Options from the validated `[acme]` config section. The state folder
+    /// is `acme/` inside the certificate store folder.
+    pub fn from_config(
+        acme: &crate::config::Acme,
+        cert_store_dir: &std::path::Path,
+    ) -> Result<AcmeOptions, AcmeError> {
+        let mut options = AcmeOptions::new(cert_store_dir.join("acme"));
+        options.directory_url = acme.directory.clone();
+        options.contact = acme.contact.clone();
+        options.challenge = match acme.challenge {
+            crate::config::AcmeChallenge::Http01 => ChallengeKind::Http01,
+            crate::config::AcmeChallenge::TlsAlpn01 => ChallengeKind::TlsAlpn01,
+        };
+        options.ca_roots = acme.ca_roots.clone();
+        options.key_type = KeyType::parse(&acme.key_type)?;
+        options.renewal.remaining_fraction = acme.renew_remaining_fraction;
+        // The jitter must stay below the renewal fraction, which the config
+        // allows to be small.
+        options.renewal.jitter_fraction = options
+            .renewal
+            .jitter_fraction
+            .min(acme.renew_remaining_fraction / 4.0);
+        options.validate()?;
+        Ok(options)
+    }
+
     /// Checks every value and returns all problems at once.
     pub fn validate(&self) -> Result<(), AcmeError> {
         let mut problems = Vec::new();
@@ -223,6 +249,26 @@ mod tests {
         assert!(error.contains("\"ops@example.com\""), "{error}");
         assert!(error.contains("1.5"), "{error}");
         assert!(error.contains("/nonexistent/root.pem"), "{error}");
+    }
+
+    #[test]
+    fn from_config_maps_every_field() {
+        let acme = crate::config::Acme {
+            directory: LETS_ENCRYPT_STAGING.to_string(),
+            contact: vec!["mailto:ops@example.com".to_string()],
+            challenge: crate::config::AcmeChallenge::TlsAlpn01,
+            ca_roots: Vec::new(),
+            key_type: "ecdsa-p384".to_string(),
+            renew_remaining_fraction: 0.02,
+        };
+        let options = AcmeOptions::from_config(&acme, std::path::Path::new("/srv/certs")).unwrap();
+        assert_eq!(options.state_dir, PathBuf::from("/srv/certs/acme"));
+        assert_eq!(options.directory_url, LETS_ENCRYPT_STAGING);
+        assert_eq!(options.contact, acme.contact);
+        assert_eq!(options.challenge, ChallengeKind::TlsAlpn01);
+        assert_eq!(options.key_type, KeyType::EcdsaP384);
+        assert_eq!(options.renewal.remaining_fraction, 0.02);
+        assert!(options.renewal.jitter_fraction < 0.02);
     }
 
     #[test]
