@@ -81,8 +81,8 @@ fn slot() -> ResponderSlot {
     Arc::new(RwLock::new(Arc::new(ChallengeResponder::new())))
 }
 
-/// Answers `GET /.well-known/acme-challenge/TOKEN` as the proxy's plain
-/// listener does.
+/// Serves `GET /.well-known/acme-challenge/TOKEN` from the responder, as
+/// the proxy's plain listener does.
 fn serve_http01(listener: TcpListener, slot: ResponderSlot) {
     tokio::spawn(async move {
         loop {
@@ -177,7 +177,7 @@ fn start_manager(
     (manager, task)
 }
 
-/// Polls `check` every 100 ms until it holds or `limit` passes.
+/// Polls `check` every 100 ms until it returns true or `limit` passes.
 async fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !check() {
@@ -198,8 +198,8 @@ fn managed(store: &CertStore, host: &str) -> bool {
 }
 
 /// Serves the store through the real SNI resolver and connects with a
-/// rustls client that trusts only `root`; returns the serial of the leaf
-/// the client verified.
+/// rustls client that trusts only `root`. Returns the serial of the leaf
+/// that the client verified.
 async fn verified_serial(
     store: &Arc<CertStore>,
     host: &str,

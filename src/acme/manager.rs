@@ -81,7 +81,7 @@ pub struct HostStatus {
     pub not_after: Option<i64>,
     pub managed_by_acme: bool,
     pub next_renewal: Option<i64>,
-    /// What `next_renewal` is based on: `ari`, `lifetime`, `hand-placed`,
+    /// Basis of `next_renewal`: `ari`, `lifetime`, `hand-placed`,
     /// `retry` (back-off after a failure) or `missing` (no certificate yet).
     pub renewal_basis: &'static str,
     pub last_result: Option<LastResult>,
@@ -122,7 +122,7 @@ pub struct AcmeManager {
     states: Mutex<HashMap<String, HostState>>,
     journal: Mutex<Journal>,
     account: tokio::sync::Mutex<Option<Account>>,
-    /// Set once the CA answered a renewal-information request.
+    /// Set once the CA returned renewal information.
     ari_seen: AtomicBool,
     /// Set once the CA's directory turned out to have no `renewalInfo`.
     ari_unsupported: AtomicBool,
@@ -180,12 +180,14 @@ impl AcmeManager {
         &self.options
     }
 
-    /// The pending challenge responses, for the plain listener (HTTP-01).
+    /// Returns the pending challenge responses, for the plain listener
+    /// (HTTP-01).
     pub fn responder(&self) -> Arc<ChallengeResponder> {
         Arc::clone(&self.responder)
     }
 
-    /// The key authorization for an HTTP-01 `token`, if one is pending.
+    /// Returns the key authorization for an HTTP-01 `token`, if one is
+    /// pending.
     pub fn http01_response(&self, token: &str) -> Option<String> {
         self.responder.http01_response(token)
     }
@@ -276,13 +278,13 @@ impl AcmeManager {
         }
     }
 
-    /// The journal entries, oldest first.
+    /// Returns the journal entries, oldest first.
     pub fn journal(&self) -> Vec<JournalEntry> {
         let journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         journal.entries().to_vec()
     }
 
-    /// One entry per host, in host order.
+    /// Returns one status per host, in host order.
     pub fn status(&self) -> Vec<HostStatus> {
         self.hosts()
             .iter()
@@ -306,8 +308,8 @@ impl AcmeManager {
         }
     }
 
-    /// Places an order for `host` now, whatever the schedule and back-off
-    /// say, and waits for it. For the admin API.
+    /// Places an order for `host` now, regardless of the schedule and the
+    /// back-off, and waits for it. For the admin API.
     pub async fn renew_now(&self, host: &str) -> Result<HostStatus, AcmeError> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         if !self.hosts().contains(&host) {
@@ -360,7 +362,7 @@ impl AcmeManager {
         }
     }
 
-    /// What to do about `host` now, updating its schedule.
+    /// Decides whether to order for `host` now and updates its schedule.
     async fn decide(&self, host: &str, now: SystemTime) -> Decision {
         let current = self.store.current(host);
         let decision = self.decide_inner(host, now, current).await;
@@ -568,8 +570,8 @@ impl AcmeManager {
     }
 
     /// Places one order, installs the certificate, and records the result in
-    /// the journal, the counters and the back-off. The caller holds
-    /// `order_lock`.
+    /// the journal, the counters and the back-off. The caller must lock
+    /// `order_lock` first.
     async fn place_order(&self, host: &str, trigger: &'static str) -> Result<(), AcmeError> {
         let started = SystemTime::now();
         let id = {
@@ -666,8 +668,8 @@ impl AcmeManager {
         Ok(installed)
     }
 
-    /// The ARI identifier of the served ACME certificate, sent as `replaces`
-    /// when the CA supports ARI.
+    /// Returns the ARI identifier of the served ACME certificate, sent as
+    /// `replaces` when the CA supports ARI.
     fn replaced_certificate(&self, host: &str) -> Option<CertificateIdentifier<'static>> {
         if !self.ari_seen.load(Ordering::Relaxed) {
             return None;
@@ -796,8 +798,8 @@ fn leaf_summary(chain_pem: &str) -> Option<CurrentCert> {
     })
 }
 
-/// The RFC 9773 identifier of a certificate: its AKI key identifier and its
-/// DER serial. `None` without an AKI.
+/// Returns the RFC 9773 identifier of a certificate: its AKI key identifier
+/// and its DER serial. `None` without an AKI.
 fn certificate_identifier(leaf_der: &[u8]) -> Option<CertificateIdentifier<'static>> {
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf_der).ok()?;
     let aki = parsed

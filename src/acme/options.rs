@@ -9,7 +9,7 @@ use super::AcmeError;
 pub const LETS_ENCRYPT_PRODUCTION: &str = "https://acme-v02.api.letsencrypt.org/directory";
 pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
 
-/// How the CA validates control of a host name.
+/// Challenge type the CA uses to validate control of a host name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChallengeKind {
     /// `GET http://HOST/.well-known/acme-challenge/TOKEN` on port 80.
@@ -82,7 +82,7 @@ pub struct RenewalPolicy {
     pub retry_initial: Duration,
     /// Upper bound of the retry delay.
     pub retry_max: Duration,
-    /// Longest sleep of the run loop, so that certificates changed by hand
+    /// Maximum sleep of the run loop, so that certificates changed by hand
     /// in the store are noticed.
     pub check_interval: Duration,
 }
@@ -93,8 +93,9 @@ impl Default for RenewalPolicy {
             remaining_fraction: 1.0 / 3.0,
             jitter_fraction: 0.05,
             use_ari: true,
-            // Let's Encrypt allows 5 failed validations per host name and
-            // hour; 5 min doubling stays at 4 failures in the first hour.
+            // Let's Encrypt allows 5 failed validations per account, host
+            // name and hour (letsencrypt.org/docs/failed-validation-limit).
+            // Starting at 5 min and doubling makes at most 4 in the first hour.
             retry_initial: Duration::from_secs(300),
             retry_max: Duration::from_secs(6 * 3600),
             check_interval: Duration::from_secs(3600),

@@ -28,7 +28,7 @@ impl fmt::Debug for Issued {
     }
 }
 
-/// Why an order failed. `problem` is the CA's RFC 7807 problem document
+/// Failure of an order: a message, and the CA's RFC 7807 problem document
 /// when the CA sent one.
 #[derive(Debug)]
 pub(crate) struct OrderFailure {
@@ -64,7 +64,8 @@ impl OrderFailure {
     }
 }
 
-/// `error` and its sources, so that "client error (Connect)" says why.
+/// Formats `error` with its sources, so that "client error (Connect)"
+/// shows the cause.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -139,7 +140,7 @@ pub(crate) async fn issue(
         tokens: Vec::new(),
         alpn_hosts: Vec::new(),
     };
-    let wanted = match challenge {
+    let challenge_type = match challenge {
         ChallengeKind::Http01 => ChallengeType::Http01,
         ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
     };
@@ -156,12 +157,14 @@ pub(crate) async fn issue(
                 )))
             }
         }
-        let mut handle = authorization.challenge(wanted.clone()).ok_or_else(|| {
-            OrderFailure::new(format!(
-                "the CA offers no {} challenge for {host}; choose another challenge type",
-                challenge.as_str()
-            ))
-        })?;
+        let mut handle = authorization
+            .challenge(challenge_type.clone())
+            .ok_or_else(|| {
+                OrderFailure::new(format!(
+                    "the CA offers no {} challenge for {host}; choose another challenge type",
+                    challenge.as_str()
+                ))
+            })?;
         let key_authorization = handle.key_authorization();
         match challenge {
             ChallengeKind::Http01 => {
@@ -212,7 +215,7 @@ pub(crate) async fn issue(
     })
 }
 
-/// The failure of an order that turned invalid, with the problem document
+/// Builds the failure of an order that turned invalid, with the problem document
 /// of the failed challenge (the order itself often carries none).
 async fn invalid_order_failure(order: &mut instant_acme::Order, host: &str) -> OrderFailure {
     let mut authorizations = order.authorizations();

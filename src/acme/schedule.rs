@@ -4,12 +4,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// RFC 9773 section 4.3: clients should treat a `Retry-After` below one
-/// minute as one minute and above one day as one day.
+/// Bounds for a renewal-information `Retry-After`: RFC 9773 section 4.3
+/// names one minute and one day as reasonable limits.
 pub const ARI_RETRY_AFTER_MIN: Duration = Duration::from_secs(60);
 pub const ARI_RETRY_AFTER_MAX: Duration = Duration::from_secs(24 * 3600);
 
-/// The point at which a certificate valid from `not_before` to `not_after`
+/// Returns the point at which a certificate valid from `not_before` to `not_after`
 /// is renewed: when `remaining_fraction` of the lifetime remains, moved
 /// earlier by `random * jitter_fraction` of the lifetime. Never before
 /// `not_before`. A certificate whose `not_after` does not follow its
@@ -44,8 +44,8 @@ pub struct AriPlan {
 }
 
 /// Turns a suggested window into a plan. An invalid window (end not after
-/// start) is an error, which RFC 9773 section 4.2 says to treat as no
-/// response at all.
+/// start) is an error, which RFC 9773 section 4.2 requires clients to
+/// treat as no response at all.
 pub fn ari_plan(
     window_start: SystemTime,
     window_end: SystemTime,
@@ -91,7 +91,7 @@ pub fn unix_seconds(time: SystemTime) -> i64 {
     }
 }
 
-/// The time `seconds` after the Unix epoch.
+/// Returns the time `seconds` after the Unix epoch.
 pub fn from_unix_seconds(seconds: i64) -> SystemTime {
     if seconds >= 0 {
         UNIX_EPOCH + Duration::from_secs(seconds as u64)
@@ -109,7 +109,7 @@ mod tests {
         from_unix_seconds(seconds)
     }
 
-    /// The window of an RFC 9773 JSON response, as the manager reads it.
+    /// Parses the window of an RFC 9773 JSON response as the manager does.
     fn window(json: &str) -> (SystemTime, SystemTime, Option<String>) {
         let info: RenewalInfo = serde_json::from_str(json).unwrap();
         (
@@ -156,7 +156,8 @@ mod tests {
         let now = at(unix_seconds(start) - 86_400);
         let plan = ari_plan(start, end, Duration::from_secs(21_600), now, 0.25).unwrap();
         assert_eq!(unix_seconds(plan.renew_at), unix_seconds(start) + 21_600);
-        assert!(plan.renew_at >= start && plan.renew_at < end);
+        assert!(plan.renew_at >= start);
+        assert!(plan.renew_at < end);
         assert_eq!(unix_seconds(plan.next_check), unix_seconds(now) + 21_600);
     }
 

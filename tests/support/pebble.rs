@@ -3,7 +3,7 @@
 //!
 //! Safety rules this harness enforces:
 //! - pebble always gets `-dnsserver` pointing at the challtestsrv, so it
-//!   never asks the machine's resolver (which may be off the machine);
+//!   never queries the machine's resolver (which may be off the machine);
 //! - the challtestsrv answers every name with 127.0.0.1 and no AAAA record
 //!   (`-defaultIPv6 ""`), and its own challenge responders are off;
 //! - every port is checked free before start, and each process must still
@@ -27,7 +27,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Time allowed for each process to answer after start.
+/// Time allowed for each process to respond after start.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Clone, Debug)]
@@ -101,7 +101,7 @@ impl Pebble {
         &self.settings
     }
 
-    /// The root that signs issued certificates (`/roots/0` on the
+    /// Fetches the root that signs issued certificates (`/roots/0` on the
     /// management port). It changes on every pebble start.
     pub async fn issuer_root(&self) -> Result<CertificateDer<'static>, String> {
         let (status, body) = self.https_get(self.management_port, "/roots/0").await?;
@@ -120,7 +120,7 @@ impl Pebble {
     }
 
     /// Starts pebble on its ports (again, after `stop_ca`) and waits until
-    /// its directory answers.
+    /// its directory responds.
     pub async fn start_ca(&mut self) -> Result<(), String> {
         for port in [self.acme_port, self.management_port] {
             ensure_tcp_port_free(port)?;
@@ -163,7 +163,8 @@ impl Pebble {
             self.ensure_alive()?;
             if let Ok((200, body)) = self.https_get(self.acme_port, "/dir").await {
                 if String::from_utf8_lossy(&body).contains("newOrder") {
-                    // Alive after answering: the answer came from this process.
+                    // Still alive after the response, so the response came
+                    // from this process and not from a stale one.
                     return self.ensure_alive();
                 }
             }
@@ -248,7 +249,7 @@ impl Pebble {
             .map_err(|e| format!("cannot open {name}: {e}"))
     }
 
-    /// A one-shot HTTP/1.0 GET over TLS to pebble, trusting only the API
+    /// Sends a one-shot HTTP/1.0 GET over TLS to pebble, trusting only the API
     /// root. HTTP/1.0 keeps Go from chunking the body.
     async fn https_get(&self, port: u16, path: &str) -> Result<(u16, Vec<u8>), String> {
         let mut roots = rustls::RootCertStore::empty();
@@ -322,7 +323,7 @@ fn free_tcp_port() -> Result<u16, String> {
         .map_err(|e| format!("cannot find a free port: {e}"))
 }
 
-/// A port free for both UDP and TCP, for the mock DNS server.
+/// Finds a port free for both UDP and TCP, for the mock DNS server.
 fn free_udp_and_tcp_port() -> Result<u16, String> {
     for _ in 0..20 {
         let udp = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
