@@ -488,18 +488,24 @@ async fn short_lived_certificate_renews_itself() {
     })
     .await;
     let first = served_serial(&store, "renew.test").unwrap();
-    let planned = manager.status()[0].clone();
-    let first_not_after = planned.not_after.unwrap();
+    let first_not_after = manager.status()[0].not_after.unwrap();
 
-    // Renewal is planned at about 2/3 of the 30 s lifetime, never later.
-    wait_for(Duration::from_secs(5), "a planned renewal", || {
-        manager.status()[0].next_renewal.is_some()
-    })
+    // Renewal is planned at 2/3 of the 30 s lifetime, moved earlier by at
+    // most 5 % of it (1.5 s) of jitter.
+    wait_for(
+        Duration::from_secs(5),
+        "a renewal planned by lifetime",
+        || manager.status()[0].renewal_basis == "lifetime",
+    )
     .await;
     let next = manager.status()[0].next_renewal.unwrap();
     assert!(
         next <= first_not_after - 9,
         "renewal at {next} is too close to expiry {first_not_after}"
+    );
+    assert!(
+        next >= first_not_after - 12,
+        "renewal at {next} is too early for expiry {first_not_after}"
     );
 
     wait_for(Duration::from_secs(40), "the renewed certificate", || {
