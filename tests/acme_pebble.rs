@@ -639,3 +639,87 @@ async fn ca_outage_backs_off_then_recovers() {
     assert_eq!(account_files(&state_dir).len(), 1);
     assert_no_key_material_logged(&state_dir, certs.path());
 }
+
+/// Writes a self-signed certificate for `host` valid between two Unix
+/// times, as an operator would place one in the store.
+fn write_hand_placed(dir: &Path, host: &str, not_before: i64, not_after: i64) {
+    use x509_parser::time::ASN1Time;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
+    params.not_before = ASN1Time::from_timestamp(not_before).unwrap().to_datetime();
+    params.not_after = ASN1Time::from_timestamp(not_after).unwrap().to_datetime();
+    let cert = params.self_signed(&key).unwrap();
+    let key_path = dir.join(format!("{host}.key"));
+    fs::write(&key_path, key.serialize_pem()).unwrap();
+    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(dir.join(format!("{host}.crt")), cert.pem()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_placed_certificates_left_alone() {
+    if pebble_missing() {
+        return;
+    }
+    captured_logs();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pebble = Pebble::start(PebbleSettings {
+        http_port: http.local_addr().unwrap().port(),
+        tls_port: 9,
+        validity_secs: 3600,
+    })
+    .await
+    .unwrap();
+    let responders = slot();
+    serve_http01(http, Arc::clone(&responders));
+
+    let day = 86_400;
+    let now = unix_now();
+    let certs = tempfile::tempdir().unwrap();
+    // Valid for another year: left alone.
+    write_hand_placed(certs.path(), "hand.test", now - 365 * day, now + 365 * day);
+    // 10 of 90 days left: replaced by an ACME certificate.
+    write_hand_placed(
+        certs.path(),
+        "expiring.test",
+        now - 80 * day,
+        now + 10 * day,
+    );
+    let store = CertStore::open(certs.path()).unwrap();
+    let state_dir = certs.path().join("acme");
+    let (manager, task) = start_manager(
+        options(&pebble, &state_dir, ChallengeKind::Http01),
+        &store,
+        &["hand.test", "expiring.test"],
+        &responders,
+    );
+    wait_for(Duration::from_secs(30), "the replacement order", || {
+        manager.counters().issued == 1
+    })
+    .await;
+    // Several passes of the run loop (pause 0.5 s or more).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    task.abort();
+
+    let journal = manager.journal();
+    assert_eq!(journal.len(), 1, "{journal:#?}");
+    assert_eq!(journal[0].host, "expiring.test");
+    assert_eq!(journal[0].trigger, "hand-placed certificate near expiry");
+    assert_eq!(journal[0].outcome, Outcome::Issued);
+    assert!(certs.path().join("acme_expiring.test.crt").is_file());
+    assert!(!certs.path().join("acme_hand.test.crt").exists());
+
+    let status = manager.status();
+    let hand = status.iter().find(|s| s.host == "hand.test").unwrap();
+    assert!(!hand.managed_by_acme);
+    assert_eq!(hand.renewal_basis, "hand-placed");
+    let next = hand.next_renewal.unwrap();
+    assert!((next - (now + 335 * day)).abs() <= 5, "next renewal {next}");
+
+    // The store keeps serving the hand-placed certificate because it is
+    // valid longer than the 1-hour ACME one; the manager must not order
+    // again and again to replace it.
+    let expiring = status.iter().find(|s| s.host == "expiring.test").unwrap();
+    assert!(!expiring.managed_by_acme);
+    assert_eq!(expiring.renewal_basis, "hand-placed");
+    assert!(expiring.next_renewal.unwrap() > unix_now() + 600);
+}
