@@ -442,14 +442,37 @@ async fn tls_alpn01_issues_two_hosts() {
         hosts.iter().all(|h| managed(&store, h))
     })
     .await;
+
+    // A config reload adds a host; an invalid list changes nothing.
+    let error = manager
+        .set_hosts(vec!["alpn-a.test".into(), "*.alpn.test".into()])
+        .unwrap_err();
+    assert!(error.0.contains("*.alpn.test"), "{error}");
+    assert_eq!(manager.hosts(), hosts);
+    let reloaded = vec![
+        "alpn-a.test".into(),
+        "alpn-b.test".into(),
+        "alpn-c.test".into(),
+    ];
+    manager.set_hosts(reloaded).unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the added host's certificate",
+        || managed(&store, "alpn-c.test"),
+    )
+    .await;
     task.abort();
+    assert_eq!(manager.counters().issued, 3);
 
     let root = pebble.issuer_root().await.unwrap();
+    assert_eq!(
+        verified_serial(&store, "alpn-c.test", &root).await,
+        served_serial(&store, "alpn-c.test").unwrap()
+    );
     for host in hosts {
         let served = served_serial(&store, host).unwrap();
         assert_eq!(verified_serial(&store, host, &root).await, served);
     }
-    assert_eq!(manager.counters().issued, 2);
     assert_eq!(manager.counters().failed, 0);
     // Challenge certificates are withdrawn once the orders end.
     let responder = manager.responder();
