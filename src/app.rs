@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use crate::acme::AcmeManager;
 use crate::admin::AdminState;
 use crate::config::{Config, ConfigErrors};
 use crate::health::HealthRegistry;
@@ -25,6 +26,7 @@ pub struct App {
     pub admin: AdminState,
     http01: OnceLock<Arc<dyn Http01Responder>>,
     certs: OnceLock<Arc<CertStore>>,
+    acme: OnceLock<Arc<AcmeManager>>,
 }
 
 /// What a successful reload changed.
@@ -50,6 +52,7 @@ impl App {
             admin: AdminState::new(),
             http01: OnceLock::new(),
             certs: OnceLock::new(),
+            acme: OnceLock::new(),
         })
     }
 
@@ -68,6 +71,17 @@ impl App {
 
     pub fn cert_store(&self) -> Option<&Arc<CertStore>> {
         self.certs.get()
+    }
+
+    /// Attaches the ACME manager; called once at start when `[acme]` is on.
+    pub fn set_acme(&self, manager: Arc<AcmeManager>) {
+        if self.acme.set(manager).is_err() {
+            tracing::warn!("an ACME manager was already attached; keeping the first");
+        }
+    }
+
+    pub fn acme(&self) -> Option<&Arc<AcmeManager>> {
+        self.acme.get()
     }
 
     pub fn http01_response(&self, token: &str) -> Option<String> {

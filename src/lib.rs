@@ -2,6 +2,7 @@
 //! Pingora. The binary in `main.rs` is a thin command-line front end over
 //! these modules.
 
+pub mod acme;
 pub mod admin;
 pub mod app;
 pub mod balance;

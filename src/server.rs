@@ -11,6 +11,7 @@ use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
+use crate::acme::{AcmeManager, AcmeOptions, CertificateStore, ChallengeKind, PrometheusObserver};
 use crate::app::App;
 use crate::config::Config;
 use crate::downstream::Downstream;
@@ -64,13 +65,21 @@ pub fn run(app: Arc<App>, flags: EngineFlags) -> ! {
         proxy.add_tcp(&http.to_string());
     }
     if let Some(https) = listeners.https {
-        let settings = match https_settings(&app, config) {
-            Ok(settings) => settings,
+        let (settings, acme) = match https_settings(&app, config) {
+            Ok(result) => result,
             Err(message) => {
                 eprintln!("cannot start the HTTPS listener on {https}: {message}");
                 std::process::exit(1);
             }
         };
+        if let Some(manager) = acme.filter(|m| m.options().challenge == ChallengeKind::TlsAlpn01) {
+            // TLS-ALPN-01 validation handshakes offer only `acme-tls/1`,
+            // which Pingora's listener cannot advertise next to h2 and
+            // http/1.1, so they are answered before Pingora's handshake.
+            proxy
+                .endpoints()
+                .set_pre_tls_callback(manager.tls_alpn_interceptor());
+        }
         proxy.add_tls_with_settings(&https.to_string(), None, settings);
     }
     let control = background_service(
@@ -93,16 +102,39 @@ pub fn run(app: Arc<App>, flags: EngineFlags) -> ! {
     server.run_forever()
 }
 
-/// Opens the certificate store, attaches it to `app` and builds the HTTPS
-/// listener settings over it.
-fn https_settings(app: &App, config: &Config) -> Result<TlsSettings, String> {
+/// Opens the certificate store, starts the ACME manager when `[acme]` is
+/// on, attaches both to `app` and builds the HTTPS listener settings.
+fn https_settings(
+    app: &App,
+    config: &Config,
+) -> Result<(TlsSettings, Option<Arc<AcmeManager>>), String> {
     let store = CertStore::open(&config.tls.store).map_err(|e| e.to_string())?;
-    if store.certificates().is_empty() && config.acme.is_none() {
-        tracing::warn!(
-            store = %config.tls.store.display(),
-            "the certificate store is empty and ACME is off, so every handshake will fail; add NAME.crt and NAME.key"
-        );
-    }
+    let acme = match &config.acme {
+        Some(acme_config) => {
+            let options = AcmeOptions::from_config(acme_config, &config.tls.store)
+                .map_err(|e| e.to_string())?;
+            let manager = AcmeManager::new(
+                options,
+                Arc::clone(&store) as Arc<dyn CertificateStore>,
+                config.exact_hosts(),
+            )
+            .map_err(|e| e.to_string())?
+            .with_observer(Arc::new(PrometheusObserver));
+            let manager = Arc::new(manager);
+            app.set_http01_responder(manager.responder());
+            app.set_acme(Arc::clone(&manager));
+            Some(manager)
+        }
+        None => {
+            if store.certificates().is_empty() {
+                tracing::warn!(
+                    store = %config.tls.store.display(),
+                    "the certificate store is empty and ACME is off, so every handshake will fail; add NAME.crt and NAME.key"
+                );
+            }
+            None
+        }
+    };
     let resolver = SniResolver::new(
         Arc::clone(&store),
         ResolverOptions {
@@ -113,9 +145,11 @@ fn https_settings(app: &App, config: &Config) -> Result<TlsSettings, String> {
     app.admin
         .set_cert_control(Arc::new(crate::admin::certs::StoreCertControl {
             store: Arc::clone(&store),
+            acme: acme.clone(),
         }));
     app.set_cert_store(store);
-    tls::listener_settings(Arc::new(resolver)).map_err(|e| e.to_string())
+    let settings = tls::listener_settings(Arc::new(resolver)).map_err(|e| e.to_string())?;
+    Ok((settings, acme))
 }
 
 /// Background work that is not request handling: health probes and reloads.
@@ -132,6 +166,9 @@ impl BackgroundService for Control {
         if let Some(store) = self.app.cert_store() {
             let every = self.app.snapshots.load().config.tls.rescan_interval;
             tokio::spawn(Arc::clone(store).watch(every));
+        }
+        if let Some(manager) = self.app.acme() {
+            tokio::spawn(Arc::clone(manager).run());
         }
         if let Some(address) = self.app.snapshots.load().config.admin.metrics {
             tokio::spawn(metrics::serve(Arc::clone(&self.app), address));
@@ -174,6 +211,12 @@ pub fn reload(app: &App, trigger: &str) {
                 .with_label_values(&["ok"])
                 .inc();
             tracing::info!(trigger, generation = reloaded.generation, "config reloaded");
+            if let Some(manager) = app.acme() {
+                let hosts = app.snapshots.load().config.exact_hosts();
+                if let Err(err) = manager.set_hosts(hosts) {
+                    tracing::error!(trigger, error = %err, "ACME hosts not updated; the previous list stays");
+                }
+            }
             for key in reloaded.needs_restart {
                 tracing::warn!(key = %key, "this setting changed but takes effect only after a restart or binary upgrade");
             }

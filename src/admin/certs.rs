@@ -6,12 +6,14 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use super::CertControl;
+use crate::acme::{acme_certificate_name, AcmeManager};
 use crate::tls::CertStore;
 
-/// Lists the store's certificates; renewals need an ACME manager, which
-/// replaces this control when ACME is configured.
+/// Lists the store's certificates and, with ACME on, each managed host's
+/// renewal plan; renews through the ACME manager.
 pub struct StoreCertControl {
     pub store: Arc<CertStore>,
+    pub acme: Option<Arc<AcmeManager>>,
 }
 
 #[async_trait]
@@ -32,14 +34,37 @@ impl CertControl for StoreCertControl {
                     "not_before": cert.not_before,
                     "not_after": cert.not_after,
                     "expires_in_days": (cert.not_after - now) / 86_400,
-                    "managed_by": "file",
+                    "managed_by": if cert.name.starts_with(&acme_certificate_name("")) { "acme" } else { "file" },
                 })
             })
             .collect();
-        Ok(Value::Array(certificates))
+        let Some(acme) = &self.acme else {
+            return Ok(Value::Array(certificates));
+        };
+        // With ACME on, each managed host is listed with its renewal plan,
+        // including hosts that have no certificate yet.
+        let mut list = certificates;
+        for host in acme.status() {
+            list.push(json!({
+                "name": format!("acme host {}", host.host),
+                "dns_names": [host.host],
+                "serial": host.serial,
+                "not_after": host.not_after,
+                "expires_in_days": host.not_after.map(|t| (t - now) / 86_400),
+                "managed_by": "acme",
+                "next_renewal": host.next_renewal,
+                "renewal_basis": host.renewal_basis,
+                "failures": host.failures,
+            }));
+        }
+        Ok(Value::Array(list))
     }
 
     async fn renew(&self, domain: &str) -> Result<Value, String> {
+        if let Some(acme) = &self.acme {
+            let status = acme.renew_now(domain).await.map_err(|e| e.to_string())?;
+            return serde_json::to_value(status).map_err(|e| e.to_string());
+        }
         Err(format!(
             "cannot renew {domain:?}: ACME is not configured; replace its .crt and .key files in {} and run `switchyard ctl reload`",
             self.store.dir().display()

@@ -114,6 +114,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
             "no route is defined; add a [[routes]] table",
         );
     }
+    if let Some(acme) = &acme {
+        if listeners.https.is_none() {
+            c.error(
+                None,
+                "acme",
+                "ACME certificates need an HTTPS listener; set listeners.https or remove [acme]",
+            );
+        }
+        if acme.challenge == AcmeChallenge::Http01 && listeners.http.is_none() {
+            c.error(None, "acme.challenge", "\"http-01\" is answered on the plain HTTP listener; set listeners.http or use \"tls-alpn-01\"");
+        }
+    }
     if listeners.https.is_some() && tls.store.as_os_str().is_empty() {
         c.error(
             None,

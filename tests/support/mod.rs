@@ -297,8 +297,18 @@ impl ProxyProcess {
         body: &str,
         rewrite: impl FnOnce(String) -> String,
     ) -> ProxyProcess {
-        let dir = tempfile::tempdir().expect("temp dir");
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        ProxyProcess::start_at(http, body, rewrite).await
+    }
+
+    /// Like [`ProxyProcess::start_rewritten`], with the plain HTTP listener
+    /// on `http` (for a test that must know the port before the proxy starts).
+    pub async fn start_at(
+        http: SocketAddr,
+        body: &str,
+        rewrite: impl FnOnce(String) -> String,
+    ) -> ProxyProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("switchyard.toml");
         let text = rewrite(proxy_config(dir.path(), http, body));
         std::fs::write(&config_path, text).expect("write config");
