@@ -78,7 +78,9 @@ async fn tls12_and_tls13_accepted() {
 async fn alpn_prefers_h2() {
     let (_backend, _store, _cert, proxy) = start().await;
     let https = proxy.https();
-    let cases: [(&[&[u8]], Option<&[u8]>); 4] = [
+    // Protocols the client offers, in its order, and the one expected.
+    type Case = (&'static [&'static [u8]], Option<&'static [u8]>);
+    let cases: [Case; 4] = [
         (&[b"h2", b"http/1.1"], Some(b"h2")),
         (&[b"http/1.1", b"h2"], Some(b"h2")),
         (&[b"http/1.1"], Some(b"http/1.1")),
