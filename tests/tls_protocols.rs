@@ -44,7 +44,7 @@ async fn old_tls_versions_rejected() {
         assert!(text.contains("Cipher is (NONE)"), "{flag}:\n{text}");
         // A fatal alert from the server proves that the ClientHello went
         // out and the server rejected it, rather than the client giving up
-        // on its own. rustls 0.23 answers both versions with a
+        // on its own. rustls 0.23 rejects both versions with a
         // handshake_failure alert; protocol_version would be as good.
         assert!(
             text.contains("alert protocol version") || text.contains("alert handshake failure"),
@@ -148,7 +148,7 @@ async fn curl_http2_and_http11() {
     }
 }
 
-/// The counters of h2load's `requests:` line, by name.
+/// Parses the counters of h2load's `requests:` line, by name.
 fn h2load_counts(output: &str) -> std::collections::HashMap<String, u64> {
     let line = output
         .lines()

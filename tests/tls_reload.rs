@@ -62,13 +62,23 @@ async fn sighup_rescans_the_store() {
     let store = tempfile::tempdir().unwrap();
     let old = TestCert::generate(&["a.test"]);
     old.write(store.path(), "a");
-    // Periodic scans are too rare to matter here: only SIGHUP rescans.
+    // A zero interval turns periodic scans off: only SIGHUP rescans.
     let proxy = ProxyProcess::start_tls(
-        "rescan_interval = \"1h\"\n",
+        "rescan_interval = \"0s\"\n",
         &single_route(&backend),
         store.path(),
     )
     .await;
+    assert!(
+        proxy
+            .wait_log(
+                "periodic certificate rescans are off",
+                Duration::from_secs(5)
+            )
+            .await,
+        "{}",
+        proxy.logs()
+    );
     assert_eq!(
         served_serial(proxy.https(), Some("a.test")).await.unwrap(),
         old.serial

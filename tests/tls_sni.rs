@@ -107,7 +107,7 @@ async fn unknown_sni_rejected_when_configured() {
         certs.default.serial
     );
 
-    // openssl sees the handshake fail as well.
+    // The handshake fails for openssl as well.
     let output = std::process::Command::new("openssl")
         .args(["s_client", "-connect", &https.to_string()])
         .args(["-servername", "unknown.test"])
@@ -152,7 +152,7 @@ async fn unknown_sni_default_with_openssl() {
     }
 }
 
-/// The serial of the first certificate in `s_client` output, through
+/// Returns the serial of the first certificate in `s_client` output, through
 /// `openssl x509`, normalized to lower-case hex without leading zeros.
 fn openssl_serial(s_client_output: &str) -> String {
     use std::io::Write;

@@ -230,7 +230,7 @@ async fn answer(
         .unwrap()
 }
 
-/// Answers a WebSocket upgrade with 101 and, once the connection is
+/// Accepts a WebSocket upgrade with 101 and, once the connection is
 /// upgraded, echoes every byte back. The echo works on raw bytes, not on
 /// WebSocket frames, which is enough to see that the proxy forwards both ways.
 fn accept_websocket(
@@ -419,7 +419,7 @@ impl ProxyProcess {
         }
     }
 
-    /// The HTTPS listener address; panics for a proxy started without one.
+    /// Returns the HTTPS listener address; panics for a proxy started without one.
     pub fn https(&self) -> SocketAddr {
         self.https.expect("the proxy was started without HTTPS")
     }
@@ -633,7 +633,7 @@ pub async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
     Some((head, buffer[header_end..header_end + length].to_vec()))
 }
 
-/// The config file text: listeners, admin, the optional HTTPS listener
+/// Builds the config file text: listeners, admin, the optional HTTPS listener
 /// with its `[tls]` keys, then `body`.
 fn proxy_config(
     dir: &Path,
@@ -830,7 +830,7 @@ impl TestCert {
 /// A certificate verifier that accepts any server certificate. The tests
 /// read the served chain from the connection instead of trusting it, so
 /// that one client can see every certificate the proxy picks. Handshake
-/// signatures are still checked, which proves the server holds the key.
+/// signatures are still checked, which proves the server has the private key.
 #[derive(Debug)]
 struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
 
@@ -879,7 +879,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
     }
 }
 
-/// A rustls client config offering `alpn`; `sni` false sends no server name.
+/// Builds a rustls client config offering `alpn`; `sni` false sends no server name.
 pub fn tls_client_config(alpn: &[&[u8]], sni: bool) -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
@@ -961,7 +961,7 @@ impl Client {
     }
 }
 
-/// One catch-all route to `backend`.
+/// Builds a config with one catch-all route to `backend`.
 pub fn single_route(backend: &TestBackend) -> String {
     format!(
         "[[routes]]\nname = \"app\"\nhosts = [\"*\"]\npools = {{ main = 100 }}\n\n[pools.main]\nbackends = [\"{}\"]\n",
