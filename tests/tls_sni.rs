@@ -227,3 +227,46 @@ async fn private_key_mode_600_is_quiet() {
     );
     assert!(!proxy.logs().contains("chmod"), "{}", proxy.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_default_certificate_warns() {
+    let backend = TestBackend::start("app").await;
+    let store = tempfile::tempdir().unwrap();
+    let certs = write_certs(store.path());
+    let proxy = ProxyProcess::start_tls(
+        "default_certificate = \"missing\"\n",
+        &single_route(&backend),
+        store.path(),
+    )
+    .await;
+    assert!(
+        proxy
+            .wait_log(
+                "the default certificate is not in the store",
+                Duration::from_secs(5)
+            )
+            .await,
+        "{}",
+        proxy.logs()
+    );
+    assert!(proxy.plain_logs().contains("default_certificate=missing"));
+
+    let no_sni = served_serial(proxy.https(), None).await;
+    assert!(no_sni.is_err(), "no SNI got {no_sni:?}");
+    assert_eq!(
+        served_serial(proxy.https(), Some("a.test")).await.unwrap(),
+        certs.a.serial
+    );
+
+    // The default starts working once its files arrive.
+    let late = TestCert::generate(&["late.test"]);
+    late.write(store.path(), "missing");
+    proxy.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut served = served_serial(proxy.https(), None).await;
+    while served.as_ref() != Ok(&late.serial) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        served = served_serial(proxy.https(), None).await;
+    }
+    assert_eq!(served, Ok(late.serial.clone()));
+}
