@@ -21,6 +21,15 @@ pub async fn respond(
     for (name, value) in headers {
         response.insert_header(*name, value.as_str())?;
     }
+    if ctx.tls {
+        if let Some(hsts) = ctx
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.config.tls.hsts.as_ref())
+        {
+            response.insert_header("strict-transport-security", hsts.as_str())?;
+        }
+    }
     let head_only = session.req_header().method == http::Method::HEAD || body.is_empty();
     session
         .write_response_header(Box::new(response), head_only)

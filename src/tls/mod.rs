@@ -43,7 +43,18 @@ impl fmt::Debug for SniResolver {
 }
 
 impl SniResolver {
+    /// Builds the resolver. A `default_certificate` missing from the store
+    /// is logged, not rejected, because ACME or an operator may add it later.
     pub fn new(store: Arc<CertStore>, options: ResolverOptions) -> SniResolver {
+        if let Some(name) = &options.default_certificate {
+            if !store.map.load().by_stem.contains_key(name) {
+                tracing::warn!(
+                    default_certificate = %name,
+                    store = %store.dir().display(),
+                    "the default certificate is not in the store, so clients without SNI or with an unknown name fail the handshake until {name}.crt and {name}.key load"
+                );
+            }
+        }
         SniResolver { store, options }
     }
 

@@ -6,7 +6,7 @@
 //! certificate serves come from its leaf's DNS subject alternative names,
 //! not from the file name. Subfolders (such as `acme/`) are not scanned.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -206,9 +206,12 @@ impl CertStore {
                     report.loaded.push(stem.clone());
                     next.insert(stem, Arc::new(loaded));
                 }
-                Err(err) => {
+                Err(mut err) => {
                     if let Some(previous) = previous {
-                        tracing::warn!(name = %stem, "keeping the previously loaded certificate");
+                        err.message.push_str(&format!(
+                            "; still serving the previously loaded certificate (serial {})",
+                            previous.info.serial
+                        ));
                         next.insert(stem, Arc::clone(previous));
                     }
                     report.errors.push(err);
@@ -281,20 +284,37 @@ impl CertStore {
     }
 
     /// Rescans every `every` until the process stops; runs on the control
-    /// service's runtime.
+    /// service's runtime. A zero interval turns periodic scans off, which
+    /// leaves SIGHUP as the only trigger.
+    ///
+    /// An error is logged when it first appears, not on every scan: a broken
+    /// file left in place would otherwise log once per interval. A SIGHUP
+    /// rescan (`crate::server::reload`) logs all current errors again.
     pub async fn watch(self: Arc<Self>, every: Duration) {
+        if every.is_zero() {
+            tracing::info!(
+                store = %self.dir.display(),
+                "periodic certificate rescans are off (tls.rescan_interval is 0); send SIGHUP to rescan"
+            );
+            return;
+        }
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
+        let mut logged: HashSet<String> = HashSet::new();
         loop {
             ticker.tick().await;
             let store = Arc::clone(&self);
-            let report = tokio::task::spawn_blocking(move || store.rescan()).await;
-            if let Ok(report) = report {
-                for error in &report.errors {
+            let Ok(report) = tokio::task::spawn_blocking(move || store.rescan()).await else {
+                continue;
+            };
+            let current: HashSet<String> = report.errors.iter().map(|e| e.to_string()).collect();
+            for error in &report.errors {
+                if !logged.contains(&error.to_string()) {
                     tracing::error!(%error, "certificate not loaded");
                 }
             }
+            logged = current;
         }
     }
 }

@@ -178,7 +178,7 @@ impl Drop for TestBackend {
 }
 
 async fn answer(
-    request: Request<hyper::body::Incoming>,
+    mut request: Request<hyper::body::Incoming>,
     name: &str,
     health: &AtomicU16,
     fail: &AtomicU16,
@@ -186,6 +186,15 @@ async fn answer(
     recorded: &Mutex<Vec<Recorded>>,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path().to_string();
+    let websocket_key = request
+        .headers()
+        .get("upgrade")
+        .filter(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        .and(request.headers().get("sec-websocket-key"))
+        .map(|v| v.as_bytes().to_vec());
+    if let Some(key) = websocket_key {
+        return accept_websocket(&mut request, &key, hits, recorded);
+    }
     if path == "/health" {
         let status = health.load(Ordering::SeqCst);
         return Response::builder()
@@ -237,6 +246,88 @@ async fn answer(
         .unwrap()
 }
 
+/// Accepts a WebSocket upgrade with 101 and, once the connection is
+/// upgraded, echoes every byte back. The echo works on raw bytes, not on
+/// WebSocket frames, which is enough to see that the proxy forwards both ways.
+fn accept_websocket(
+    request: &mut Request<hyper::body::Incoming>,
+    key: &[u8],
+    hits: &AtomicUsize,
+    recorded: &Mutex<Vec<Recorded>>,
+) -> Response<Full<Bytes>> {
+    hits.fetch_add(1, Ordering::SeqCst);
+    recorded.lock().unwrap().push(Recorded {
+        method: request.method().to_string(),
+        target: request
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str().to_string())
+            .unwrap_or_default(),
+        headers: request
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        body: Vec::new(),
+    });
+    let upgrade = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut io = TokioIo::new(upgraded);
+        let mut buffer = [0u8; 4096];
+        loop {
+            match io.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if io.write_all(&buffer[..n]).await.is_err() || io.flush().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Response::builder()
+        .status(101)
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-accept", websocket_accept(key))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 section 4.2.2):
+/// base64 of the SHA-1 of the key followed by a fixed GUID.
+pub fn websocket_accept(key: &[u8]) -> String {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut context = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    context.update(key);
+    context.update(GUID);
+    base64(context.finish().as_ref())
+}
+
+/// Standard base64 with padding (RFC 4648 section 4).
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// Returns a loopback port that was free a moment ago, for a listener the
 /// proxy binds itself.
 ///
@@ -267,6 +358,10 @@ pub fn free_port() -> u16 {
 pub struct ProxyProcess {
     child: Child,
     pub http: SocketAddr,
+    /// The HTTPS listener, when started with [`ProxyProcess::start_tls`].
+    pub https: Option<SocketAddr>,
+    /// The `[tls]` keys other than `store`, kept for `reload_with`.
+    tls_keys: Option<String>,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
@@ -291,6 +386,16 @@ impl ProxyProcess {
         .await
     }
 
+    /// Starts the proxy with an HTTPS listener next to the HTTP one and a
+    /// `[tls]` table: `store` points at `certs_dir`, and `tls_keys` adds
+    /// lines such as `unknown_sni = "reject"`. `body` must not contain a
+    /// `[tls]` table. Returns once both listeners accept connections.
+    pub async fn start_tls(tls_keys: &str, body: &str, certs_dir: &Path) -> ProxyProcess {
+        let tls_keys = format!("store = \"{}\"\n{tls_keys}", certs_dir.display());
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        ProxyProcess::launch(http, Some(tls_keys), body, |text| text).await
+    }
+
     /// Like [`ProxyProcess::start`], with `rewrite` applied to the whole
     /// config text first (for example to turn the metrics listener on).
     pub async fn start_rewritten(
@@ -298,7 +403,7 @@ impl ProxyProcess {
         rewrite: impl FnOnce(String) -> String,
     ) -> ProxyProcess {
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        ProxyProcess::start_at(http, body, rewrite).await
+        ProxyProcess::launch(http, None, body, rewrite).await
     }
 
     /// Like [`ProxyProcess::start_rewritten`], with the plain HTTP listener
@@ -308,15 +413,30 @@ impl ProxyProcess {
         body: &str,
         rewrite: impl FnOnce(String) -> String,
     ) -> ProxyProcess {
+        ProxyProcess::launch(http, None, body, rewrite).await
+    }
+
+    async fn launch(
+        http: SocketAddr,
+        tls_keys: Option<String>,
+        body: &str,
+        rewrite: impl FnOnce(String) -> String,
+    ) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("temp dir");
+        let https = tls_keys
+            .as_ref()
+            .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())));
         let config_path = dir.path().join("switchyard.toml");
-        let text = rewrite(proxy_config(dir.path(), http, body));
+        let tls = https.zip(tls_keys.as_deref());
+        let text = rewrite(proxy_config(dir.path(), http, tls, body));
         std::fs::write(&config_path, text).expect("write config");
         let log_path = dir.path().join("switchyard.log");
         let child = spawn_proxy(&config_path, &log_path, false);
         let proxy = ProxyProcess {
             child,
             http,
+            https,
+            tls_keys,
             dir,
             config_path,
             log_path,
@@ -391,17 +511,24 @@ impl ProxyProcess {
 
     async fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if TcpStream::connect(self.http).await.is_ok() {
-                return;
+        for addr in std::iter::once(self.http).chain(self.https) {
+            loop {
+                if TcpStream::connect(addr).await.is_ok() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "switchyard did not listen on {addr} within 15 s; log:\n{}",
+                    self.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!(
-            "switchyard did not listen on {} within 15 s; log:\n{}",
-            self.http,
-            self.logs()
-        );
+    }
+
+    /// Returns the HTTPS listener address; panics for a proxy started without one.
+    pub fn https(&self) -> SocketAddr {
+        self.https.expect("the proxy was started without HTTPS")
     }
 
     pub fn pid(&self) -> u32 {
@@ -450,9 +577,10 @@ impl ProxyProcess {
 
     /// Replaces the config file body (listeners are kept) and sends SIGHUP.
     pub fn reload_with(&self, body: &str) {
+        let tls = self.https.zip(self.tls_keys.as_deref());
         std::fs::write(
             &self.config_path,
-            proxy_config(self.dir.path(), self.http, body),
+            proxy_config(self.dir.path(), self.http, tls, body),
         )
         .expect("write config");
         self.signal(libc::SIGHUP);
@@ -711,9 +839,23 @@ impl AdminClient {
     }
 }
 
-fn proxy_config(dir: &Path, http: SocketAddr, body: &str) -> String {
+/// Builds the config file text: listeners, admin, the optional HTTPS listener
+/// with its `[tls]` keys, then `body`.
+fn proxy_config(
+    dir: &Path,
+    http: SocketAddr,
+    tls: Option<(SocketAddr, &str)>,
+    body: &str,
+) -> String {
+    let (https, tls_table) = match tls {
+        Some((https, keys)) => (
+            format!("https = \"{https}\"\n"),
+            format!("[tls]\n{keys}\n\n"),
+        ),
+        None => (String::new(), String::new()),
+    };
     format!(
-        "[listeners]\nhttp = \"{http}\"\nthreads = 2\nupgrade_socket = \"{dir}/upgrade.sock\"\npid_file = \"{dir}/switchyard.pid\"\ngrace_period = \"1s\"\ngraceful_shutdown_timeout = \"1s\"\n\n[admin]\nmetrics = \"off\"\n\n{body}",
+        "[listeners]\nhttp = \"{http}\"\n{https}threads = 2\nupgrade_socket = \"{dir}/upgrade.sock\"\npid_file = \"{dir}/switchyard.pid\"\ngrace_period = \"1s\"\ngraceful_shutdown_timeout = \"1s\"\n\n[admin]\nmetrics = \"off\"\n\n{tls_table}{body}",
         dir = dir.display()
     )
 }
@@ -843,3 +985,192 @@ pub fn blue_green(
 /// The health table used by most tests: fast checks with default thresholds.
 pub const FAST_HEALTH: &str =
     "health = { path = \"/health\", interval = \"200ms\", timeout = \"150ms\" }";
+
+/// A self-signed certificate generated for a test, with its serial.
+pub struct TestCert {
+    pub chain_pem: String,
+    pub key_pem: String,
+    /// Serial in lower-case hex without leading zeros, as the served leaf
+    /// shows it.
+    pub serial: String,
+}
+
+/// Serials for [`TestCert::generate`]; distinct within one test process.
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x5000);
+
+impl TestCert {
+    /// Generates a self-signed certificate with an ECDSA P-256 key whose
+    /// DNS subject alternative names are `names`.
+    pub fn generate(names: &[&str]) -> TestCert {
+        let serial = NEXT_SERIAL.fetch_add(1, Ordering::SeqCst);
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).expect("certificate names");
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        let key = rcgen::KeyPair::generate().expect("key pair");
+        let cert = params.self_signed(&key).expect("self-signed certificate");
+        TestCert {
+            chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            serial: format!("{serial:x}"),
+        }
+    }
+
+    /// Writes `NAME.key` (mode 0600) then `NAME.crt` into `dir`, each by
+    /// rename so that a scan never reads a half-written file.
+    pub fn write(&self, dir: &Path, name: &str) {
+        switchyard::tls::write_atomically(
+            &dir.join(format!("{name}.key")),
+            self.key_pem.as_bytes(),
+            0o600,
+        )
+        .expect("write key");
+        switchyard::tls::write_atomically(
+            &dir.join(format!("{name}.crt")),
+            self.chain_pem.as_bytes(),
+            0o644,
+        )
+        .expect("write certificate");
+    }
+}
+
+/// A certificate verifier that accepts any server certificate. The tests
+/// read the served chain from the connection instead of trusting it, so
+/// that one client can see every certificate the proxy picks. Handshake
+/// signatures are still checked, which proves the server has the private key.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Builds a rustls client config offering `alpn`; `sni` false sends no server name.
+pub fn tls_client_config(alpn: &[&[u8]], sni: bool) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.enable_sni = sni;
+    Arc::new(config)
+}
+
+/// What the client saw of a completed handshake.
+#[derive(Clone, Debug)]
+pub struct Handshake {
+    /// Serial of the served leaf, lower-case hex without leading zeros.
+    pub serial: String,
+    pub alpn: Option<Vec<u8>>,
+    pub version: Option<rustls::ProtocolVersion>,
+}
+
+/// Opens a TLS connection offering `alpn`. `sni` `None` sends no server
+/// name. Fails when the TCP connect or the handshake fails.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: Option<&str>,
+    alpn: &[&[u8]],
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Handshake), String> {
+    let config = tls_client_config(alpn, sni.is_some());
+    // Without SNI the name only feeds the (disabled) certificate check.
+    let name = rustls_pki_types::ServerName::try_from(sni.unwrap_or("no-sni.invalid").to_string())
+        .map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let (_, connection) = stream.get_ref();
+    let leaf = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or("the server sent no certificate")?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("invalid leaf certificate: {e}"))?;
+    let handshake = Handshake {
+        serial: format!("{:x}", parsed.serial),
+        alpn: connection.alpn_protocol().map(|p| p.to_vec()),
+        version: connection.protocol_version(),
+    };
+    Ok((stream, handshake))
+}
+
+/// Completes a handshake and returns the served leaf's serial.
+pub async fn served_serial(addr: SocketAddr, sni: Option<&str>) -> Result<String, String> {
+    let (_, handshake) = tls_connect(addr, sni, &[b"http/1.1"]).await?;
+    Ok(handshake.serial)
+}
+
+impl Client {
+    /// An HTTP/1.1 client over one keep-alive TLS connection; also returns
+    /// the handshake.
+    pub async fn connect_tls(addr: SocketAddr, sni: &str) -> Result<(Client, Handshake), String> {
+        let (stream, handshake) = tls_connect(addr, Some(sni), &[b"http/1.1"]).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        Ok((Client { sender, addr }, handshake))
+    }
+
+    /// GET `path` with the given `Host`.
+    pub async fn get_host(&mut self, host: &str, path: &str) -> Result<Reply, String> {
+        let request = Request::get(path)
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        self.send(request).await
+    }
+}
+
+/// Builds a config with one catch-all route to `backend`.
+pub fn single_route(backend: &TestBackend) -> String {
+    format!(
+        "[[routes]]\nname = \"app\"\nhosts = [\"*\"]\npools = {{ main = 100 }}\n\n[pools.main]\nbackends = [\"{}\"]\n",
+        backend.addr
+    )
+}
