@@ -25,7 +25,7 @@ pub struct BackendOptions {
     pub name: String,
     /// Size of the response body of non-health requests, in bytes.
     pub body_bytes: usize,
-    /// Share of non-health requests (0 to 1) answered with 500.
+    /// Share of non-health requests (0 to 1) that get a 500 response.
     pub fail_ratio: f64,
     /// Delay before each non-health response.
     pub delay: Duration,
@@ -68,7 +68,7 @@ struct State {
 
 impl State {
     /// Spreads failures evenly: request `n` fails when `floor((n+1) * r)`
-    /// exceeds `floor(n * r)`, so any window of `1/r` requests holds one.
+    /// exceeds `floor(n * r)`, so any window of `1/r` requests contains one.
     fn should_fail(&self, n: u64) -> bool {
         if self.fail_ratio <= 0.0 {
             return false;

@@ -172,7 +172,15 @@ pub fn run(options: &CompareOptions) -> Result<CompareResult, String> {
             process: Some(process),
         });
     }
-    if options.include_nginx {
+    let nginx = options.include_nginx && proxies::installed("nginx");
+    let haproxy = options.include_haproxy && proxies::installed("haproxy");
+    if options.include_nginx && !nginx {
+        eprintln!("nginx is not installed; skipping it");
+    }
+    if options.include_haproxy && !haproxy {
+        eprintln!("haproxy is not installed; skipping it");
+    }
+    if nginx {
         let dir = subdir(&options.work_dir, "nginx")?;
         fs::create_dir_all(dir.join("nginx-tmp")).map_err(|e| e.to_string())?;
         let (process, addr) = proxies::start_nginx(&dir, backend_addr, workers, proxy_core)?;
@@ -182,7 +190,7 @@ pub fn run(options: &CompareOptions) -> Result<CompareResult, String> {
             process: Some(process),
         });
     }
-    if options.include_haproxy {
+    if haproxy {
         let dir = subdir(&options.work_dir, "haproxy")?;
         let (process, addr) =
             proxies::start_haproxy(&dir, backend_addr, workers, 5000, proxy_core)?;

@@ -99,7 +99,7 @@ struct BackendArgs {
     /// Response body size in bytes.
     #[arg(long, default_value_t = 100)]
     body_bytes: usize,
-    /// Share of requests (0 to 1) answered with 500; /health always returns 200.
+    /// Share of requests (0 to 1) that get a 500 response; /health always returns 200.
     #[arg(long, default_value_t = 0.0)]
     fail_ratio: f64,
     /// Delay before each response, in milliseconds.

@@ -16,8 +16,8 @@ use crate::procstat;
 use crate::proxies::{self, Process, SwitchyardConfig};
 use crate::target::Target;
 
-/// Connections opened at once while building up the idle set, so the
-/// listen backlog never overflows.
+/// Connections opened at once while building up the idle set, well below
+/// the listen backlogs (4096 for nginx and HAProxy here).
 const OPEN_CONCURRENCY: usize = 200;
 
 #[derive(Clone, Debug)]
@@ -72,7 +72,7 @@ type Started = Result<(Process, SocketAddr), String>;
 
 pub fn run(options: &MemoryOptions) -> Result<Vec<MemoryResult>, String> {
     let limit = raise_nofile_limit()?;
-    // The client holds one socket per connection and the proxy two.
+    // The client uses one socket per connection and the proxy two.
     let needed = options.connections as u64 + 200;
     if limit < needed {
         return Err(format!(

@@ -63,7 +63,7 @@ impl Process {
         }
     }
 
-    /// The last `lines` lines of the process's output, for error messages.
+    /// Reads the last `lines` lines of the process's output, for error messages.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
@@ -100,7 +100,7 @@ pub fn spawn(
     })
 }
 
-/// An unused loopback port. Another process could take it before the
+/// Finds an unused loopback port. Another process could take it before the
 /// caller binds it, which would show as a failed start.
 pub fn free_port() -> Result<u16, String> {
     let listener =
@@ -411,7 +411,7 @@ pub fn start_haproxy(
     Ok((process, listen))
 }
 
-/// Whether `program` can be run (found on PATH).
+/// Checks whether `program` can be run (is found on PATH).
 pub fn installed(program: &str) -> bool {
     Command::new(program)
         .arg("-v")

@@ -121,7 +121,7 @@ impl Report {
         serde_json::from_str(text)
     }
 
-    /// Whether `other` equals this report, with floating-point fields
+    /// Compares with `other`: true when equal, with floating-point fields
     /// allowed to differ in the last bits (serde_json's default float
     /// parsing does not always round-trip exactly).
     pub fn same_as(&self, other: &Report) -> bool {
@@ -194,7 +194,7 @@ impl Recorder {
         }
     }
 
-    /// Records a response with `status` after `latency`, answered by `pool`.
+    /// Records a response with `status` after `latency`, served by `pool`.
     pub fn response(&mut self, status: u16, latency: Duration, pool: &str) {
         let micros = (latency.as_micros() as u64).clamp(1, MAX_TRACKED_US);
         // Clamped into the histogram's range, so recording cannot fail.
