@@ -178,6 +178,9 @@ async fn measure(
     for _ in 0..3 {
         let mut connection = client::connect(&target, None).await.map_err(|e| e.1)?;
         for _ in 0..100 {
+            if !connection.ready().await {
+                return Err(format!("{name} closed a warm-up connection"));
+            }
             let request = template.build(false, false)?;
             connection.send(request).await.map_err(|e| e.1)?;
         }
