@@ -151,6 +151,19 @@ impl ServerCertVerifier for LeafVerifier {
     }
 }
 
+/// Formats an error with its sources, since hyper's message alone
+/// ("operation was canceled") does not say why.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// First 16 hex digits of the SHA-256 of a DER certificate.
 pub fn fingerprint(cert: &[u8]) -> String {
     let hash = digest::digest(&digest::SHA256, cert);
@@ -312,14 +325,14 @@ impl Connection {
             Sender::Http1(sender) => sender.send_request(request).await,
             Sender::Http2(sender) => sender.send_request(request).await,
         }
-        .map_err(|e| (FailureKind::Io, format!("request: {e}")))?;
+        .map_err(|e| (FailureKind::Io, format!("request: {}", chain(&e))))?;
         let status = response.status().as_u16();
         let pool = response.headers().get("x-pool").cloned();
         response
             .into_body()
             .collect()
             .await
-            .map_err(|e| (FailureKind::Io, format!("response body: {e}")))?;
+            .map_err(|e| (FailureKind::Io, format!("response body: {}", chain(&e))))?;
         Ok(Reply { status, pool })
     }
 }

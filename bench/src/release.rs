@@ -543,7 +543,11 @@ fn rollback(options: &ReleaseOptions) -> Result<ScenarioResult, String> {
     let report = &outcome.report;
     result.check(
         report.errors.transport() == 0,
-        format!("transport failures: {}", describe_errors(&report.errors)),
+        format!(
+            "{} transport failures; all errors: {}",
+            report.errors.transport(),
+            describe_errors(&report.errors)
+        ),
     );
     let failed_elsewhere = outcome
         .trace
