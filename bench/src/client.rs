@@ -38,8 +38,8 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Builds the rustls client config. With `offer_h2` the ALPN list is
-/// `h2, http/1.1`; without it only `http/1.1`.
+/// Builds the rustls client config, without session resumption. With
+/// `offer_h2` the ALPN list is `h2, http/1.1`; without it only `http/1.1`.
 pub fn tls_config(trust: &Trust, offer_h2: bool) -> Result<Arc<rustls::ClientConfig>, String> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -79,6 +79,10 @@ pub fn tls_config(trust: &Trust, offer_h2: bool) -> Result<Arc<rustls::ClientCon
             }))
             .with_no_client_auth(),
     };
+    // Every new connection does a full handshake: a resumed session carries
+    // no certificate, so it would hide which certificate the server serves
+    // now, and it would make handshake costs depend on cache hits.
+    config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = if offer_h2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {

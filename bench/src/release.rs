@@ -590,6 +590,7 @@ fn upgrade(options: &ReleaseOptions) -> Result<ScenarioResult, String> {
     std::thread::sleep(Duration::from_millis(500));
     let mut result = ScenarioResult::new("upgrade");
     let mut exits = Vec::new();
+    let mut signals = Vec::new();
     for round in 1..=options.upgrades {
         let new = proxies::start_switchyard(
             &options.switchyard,
@@ -604,6 +605,7 @@ fn upgrade(options: &ReleaseOptions) -> Result<ScenarioResult, String> {
         let mut old = std::mem::replace(&mut fixture.proxy, new);
         old.signal(libc::SIGQUIT)?;
         let signalled = Instant::now();
+        signals.push(signalled);
         let exited = old.wait_exit(Duration::from_secs(20));
         exits.push(format!("{:.1} s", signalled.elapsed().as_secs_f64()));
         if !exited {
@@ -630,6 +632,24 @@ fn upgrade(options: &ReleaseOptions) -> Result<ScenarioResult, String> {
             result
                 .findings
                 .push(format!("error samples: {:?}", outcome.report.error_samples));
+            let marks: Vec<u64> = signals.iter().map(|at| micros(outcome, *at)).collect();
+            let offsets: Vec<String> = outcome
+                .trace
+                .iter()
+                .filter(|e| e.status == 0 || !(200..300).contains(&e.status))
+                .map(|e| {
+                    let last = marks.iter().filter(|m| **m <= e.done_us).max();
+                    match last {
+                        Some(mark) => format!("+{:.2} s", (e.done_us - mark) as f64 / 1e6),
+                        None => "before the first SIGQUIT".to_string(),
+                    }
+                })
+                .collect();
+            result.findings.push(format!(
+                "{}: failures ended at these times after the latest SIGQUIT: {}",
+                outcome.report.label,
+                offsets.join(", ")
+            ));
         }
         result.reports.push(outcome.report.clone());
     }
@@ -684,7 +704,10 @@ fn certswap(options: &ReleaseOptions) -> Result<ScenarioResult, String> {
     let outcome = &outcomes[0];
     let mut stale = 0;
     let mut checked = 0;
+    let mut per_swap = Vec::new();
     for (k, (at, index)) in swaps.iter().enumerate() {
+        let swapped = micros(outcome, *at);
+        let mut last_stale = None;
         let from = micros(outcome, *at + rescan + Duration::from_secs(1));
         let until = swaps
             .get(k + 1)
@@ -698,10 +721,19 @@ fn certswap(options: &ReleaseOptions) -> Result<ScenarioResult, String> {
                 checked += 1;
                 if cert != &fingerprints[*index] {
                     stale += 1;
+                    last_stale = Some(event.sent_us - swapped);
                 }
             }
         }
+        if let Some(late) = last_stale {
+            per_swap.push(format!(
+                "swap {}: old certificate still served {:.2} s after the write",
+                k + 1,
+                late as f64 / 1e6
+            ));
+        }
     }
+    result.findings.extend(per_swap);
     result.check(
         stale == 0 && checked > 0,
         format!("{checked} handshakes checked after swaps settled, {stale} presented the replaced certificate"),
