@@ -1,8 +1,8 @@
 #!/bin/sh
-# Profiles one proxy under closed-loop load in the pinned layout (proxy on
-# core 1; backend and load generator on core 0) with perf: a CPU profile
-# (cpu-clock samples, since this VM has no hardware counters) and a count
-# of system calls per request.
+# Profiles one proxy under closed-loop load in the pinned layout, with the
+# proxy on core 1 and the backend and load generator on core 0. It records
+# a perf CPU profile and counts system calls. The profile samples the
+# cpu-clock software event, because VMs often expose no hardware counters.
 #
 # usage: profile.sh switchyard|nginx SWITCHYARD_BENCH [SWITCHYARD_BIN] [OUT_DIR]
 set -eu

@@ -20,7 +20,7 @@ use tokio_rustls::TlsConnector;
 use crate::report::FailureKind;
 use crate::target::Target;
 
-/// How the client checks the server certificate.
+/// Server certificate check of a TLS client.
 #[derive(Clone, Debug)]
 pub enum Trust {
     /// Accept any certificate (`--insecure`); handshake signatures are still checked.

@@ -251,8 +251,10 @@ impl SwitchyardConfig {
                 self.tls_rescan.as_millis()
             );
         }
+        // Access log events are at info level, so a warn filter would drop them.
+        let level = if self.access_log { "info" } else { "warn" };
         out += &format!(
-            "\n[log]\nlevel = \"warn\"\naccess_log = {}\n",
+            "\n[log]\nlevel = \"{level}\"\naccess_log = {}\n",
             self.access_log
         );
         let weights: Vec<String> = self

@@ -25,7 +25,7 @@ use crate::target::Target;
 /// Scenario names, in the order they run.
 pub const SCENARIOS: &[&str] = &["flip", "shift", "rollback", "upgrade", "certswap"];
 
-/// The longest any scenario's load may run, as a bound if a step hangs.
+/// Maximum run time of any scenario's load, a bound in case a step hangs.
 const LOAD_LIMIT: Duration = Duration::from_secs(180);
 
 #[derive(Clone, Debug)]
@@ -57,7 +57,7 @@ pub enum Verdict {
 pub struct ScenarioResult {
     pub name: String,
     pub verdict: Verdict,
-    /// What was checked and what was found, one finding per entry.
+    /// Findings: one check and its outcome per entry.
     pub findings: Vec<String>,
     pub reports: Vec<Report>,
 }
@@ -149,7 +149,7 @@ fn admin_ok(socket: &Path, request: &Value) -> Result<Value, String> {
     }
 }
 
-/// The `bench` route's entry of a status response.
+/// Finds the `bench` route's entry in a status response.
 fn route_status(status: &Value) -> Option<&Value> {
     let routes = status
         .get("routes")
@@ -302,7 +302,7 @@ fn check_no_failures(result: &mut ScenarioResult, report: &Report) {
     );
 }
 
-/// Whether `event` was sent after `from` and completed before `until` (µs
+/// Checks whether `event` was sent after `from` and completed before `until` (µs
 /// since the load start). A request still in flight at `until` may be
 /// served under the next change, so it is left out.
 fn within(event: &TraceEvent, from: u64, until: u64) -> bool {
@@ -321,7 +321,7 @@ fn wrong_pool(trace: &[TraceEvent], from: u64, until: u64, expected: &str) -> us
 
 /// (a) Flip the route between 100/0 and 0/100 under load: no request may
 /// fail, and every request sent after a flip's acknowledgement (and before
-/// the next flip is sent) must be answered by the pool just switched to.
+/// the next flip is sent) must be served by the pool just switched to.
 fn flip(options: &ReleaseOptions) -> Result<ScenarioResult, String> {
     let fixture = start_fixture(options, "flip", 0.0, None)?;
     admin_ok(&fixture.admin, &json!({"cmd": "status"}))?;
