@@ -319,9 +319,10 @@ fn wrong_pool(trace: &[TraceEvent], from: u64, until: u64, expected: &str) -> us
         .count()
 }
 
-/// (a) Flip the route between 100/0 and 0/100 under load: no request may
-/// fail, and every request sent after a flip's acknowledgement (and before
-/// the next flip is sent) must be served by the pool just switched to.
+/// (a) Flip the route between 100/0 and 0/100 under load. No request may
+/// fail, and every request sent after a flip's acknowledgement and
+/// completed before the next flip is sent must be served by the pool just
+/// switched to.
 fn flip(options: &ReleaseOptions) -> Result<ScenarioResult, String> {
     let fixture = start_fixture(options, "flip", 0.0, None)?;
     admin_ok(&fixture.admin, &json!({"cmd": "status"}))?;
