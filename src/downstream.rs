@@ -41,6 +41,11 @@ use crate::proxy::Proxy;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// How long an idle keep-alive connection stays open once shutdown starts,
+/// waiting for a request to answer with `Connection: close`. Well below
+/// the shutdown grace period (5 s by default).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
+
 /// How long a rejected client gets to read the error response before the
 /// socket closes; bounded so that a client that never reads cannot hold it.
 const REJECT_LINGER: Duration = Duration::from_secs(2);
@@ -125,14 +130,13 @@ impl Downstream {
             let mut session = ServerSession::new_http1(stream);
             match settings.take() {
                 Some(settings) => settings.apply_to_session(&mut session),
-                None => {
-                    let stopping = *shutdown.borrow();
-                    session.set_keepalive(if stopping {
-                        None
-                    } else {
-                        Some(limits.keepalive_timeout.as_secs().max(1))
-                    });
-                }
+                None => session.set_keepalive(Some(limits.keepalive_timeout.as_secs().max(1))),
+            }
+            if *shutdown.borrow() {
+                // A request that arrives while the server stops is served
+                // with `Connection: close`, so the client reconnects to the
+                // new process instead of meeting a closed socket.
+                session.set_keepalive(None);
             }
             session.set_pipelined_prefix(prefix);
             let reused = HttpServerApp::process_new_http(&self.proxy, session, shutdown).await;
@@ -203,21 +207,26 @@ async fn read_head(
     pressure: &Notify,
 ) -> Head {
     let mut buffer = BytesMut::with_capacity(4096);
-    if !first && *shutdown.borrow() {
-        return Head::Closed;
-    }
     let idle = if first {
         limits.header_read_timeout
+    } else if *shutdown.borrow() {
+        SHUTDOWN_DRAIN
     } else {
         limits.keepalive_timeout
     };
     // A new connection is not cut by shutdown or pressure while it waits
     // for its first request: the client has just been accepted and may be
-    // sending already. Pingora's grace period bounds the wait.
+    // sending already. Pingora's grace period bounds the wait. An idle
+    // keep-alive connection gets `SHUTDOWN_DRAIN` after shutdown starts:
+    // a client in the middle of a request burst sends its next request in
+    // that window and is answered with `Connection: close`, where closing
+    // at once would reset the request it was about to send.
     let first_read = async {
         tokio::select! {
             read = timeout(idle, stream.read_buf(&mut buffer)) => Some(read),
-            _ = stopping(shutdown), if !first => None,
+            _ = stopping(shutdown), if !first && !*shutdown.borrow() => {
+                Some(timeout(SHUTDOWN_DRAIN, stream.read_buf(&mut buffer)).await)
+            }
             _ = pressure.notified(), if !first => None,
         }
     };
