@@ -143,6 +143,9 @@ impl Downstream {
             let Some(reused) = reused else {
                 return;
             };
+            // TODO: bytes of a pipelined next request that Pingora already
+            // buffered are lost here, so a client that pipelines gets only
+            // its first response before the connection closes.
             let (next, next_settings) = reused.consume();
             stream = next;
             settings = next_settings;

@@ -12,8 +12,9 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
 use crate::acme::{AcmeManager, AcmeOptions, CertificateStore, ChallengeKind, PrometheusObserver};
-use crate::app::App;
+use crate::app::{App, Reloaded};
 use crate::config::Config;
+use crate::config::ConfigErrors;
 use crate::downstream::Downstream;
 use crate::metrics;
 use crate::proxy::Proxy;
@@ -190,21 +191,26 @@ impl BackgroundService for Control {
                         Some(signal) => signal.recv().await,
                         None => std::future::pending().await,
                     }
-                } => reload(&self.app, "SIGHUP"),
+                } => {
+                    let _ = reload(&self.app, "SIGHUP");
+                }
             }
         }
     }
 }
 
-/// Reloads the config file and logs the outcome; an invalid file keeps the
-/// running config.
-pub fn reload(app: &App, trigger: &str) {
+/// Reloads the config file (SIGHUP and `ctl reload` both come here):
+/// rescans the certificate store, swaps the config, updates the ACME host
+/// list, counts and logs the outcome. An invalid file keeps the running
+/// config and returns its errors.
+pub fn reload(app: &App, trigger: &str) -> Result<Reloaded, ConfigErrors> {
     if let Some(store) = app.cert_store() {
         for error in store.rescan().errors {
             tracing::error!(trigger, %error, "certificate not loaded");
         }
     }
-    match app.reload() {
+    let result = app.reload();
+    match &result {
         Ok(reloaded) => {
             metrics::global()
                 .config_reloads
@@ -217,7 +223,7 @@ pub fn reload(app: &App, trigger: &str) {
                     tracing::error!(trigger, error = %err, "ACME hosts not updated; the previous list stays");
                 }
             }
-            for key in reloaded.needs_restart {
+            for key in &reloaded.needs_restart {
                 tracing::warn!(key = %key, "this setting changed but takes effect only after a restart or binary upgrade");
             }
         }
@@ -236,4 +242,5 @@ pub fn reload(app: &App, trigger: &str) {
             );
         }
     }
+    result
 }

@@ -24,8 +24,20 @@ pub enum Actor {
     ShiftController,
 }
 
-/// Runs one request and returns the response fields.
+/// Runs one request, counts it in `switchyard_admin_commands_total` and
+/// returns the response fields.
 pub async fn execute(app: &Arc<App>, request: Request, actor: Actor) -> Result<Value, AdminError> {
+    let command = request.name();
+    let result = run(app, request, actor).await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    crate::metrics::global()
+        .admin_commands
+        .with_label_values(&[command, outcome])
+        .inc();
+    result
+}
+
+async fn run(app: &Arc<App>, request: Request, actor: Actor) -> Result<Value, AdminError> {
     match request {
         Request::Status => Ok(status(app)),
         Request::Certs => {
@@ -578,7 +590,7 @@ fn set_drained(
 
 fn reload(app: &App, actor: Actor) -> Result<Value, AdminError> {
     let before = app.snapshots.load();
-    let reloaded = app.reload().map_err(|errors| {
+    let reloaded = crate::server::reload(app, "admin socket").map_err(|errors| {
         let list: Vec<String> = errors.errors.iter().map(|e| e.to_string()).collect();
         AdminError::new(
             ErrorCode::ConfigInvalid,

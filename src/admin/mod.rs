@@ -98,6 +98,33 @@ impl AdminState {
         })
     }
 
+    /// Shift state per route for the `switchyard_shift_state` gauge:
+    /// 1 running, 2 holding, 3 rolled back, 4 completed. Routes without a
+    /// shift are left out (the gauge shows them as 0).
+    pub fn shift_gauges(&self) -> BTreeMap<String, i64> {
+        let mut gauges: BTreeMap<String, i64> = self
+            .finished()
+            .into_iter()
+            .map(|(route, outcome)| {
+                let value = if outcome.starts_with("completed") {
+                    4
+                } else {
+                    3
+                };
+                (route, value)
+            })
+            .collect();
+        for (route, shift) in self.shifts() {
+            let value = if shift.state.starts_with("holding") {
+                2
+            } else {
+                1
+            };
+            gauges.insert(route, value);
+        }
+        gauges
+    }
+
     /// Returns a copy of the shifts in progress.
     fn shifts(&self) -> BTreeMap<String, ActiveShift> {
         lock(&self.shifts).clone()

@@ -126,6 +126,17 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
             c.error(None, "acme.challenge", "\"http-01\" is answered on the plain HTTP listener; set listeners.http or use \"tls-alpn-01\"");
         }
     }
+    if let Some(metrics) = admin.metrics {
+        if Some(metrics) == listeners.http || Some(metrics) == listeners.https {
+            c.error(
+                None,
+                "admin.metrics",
+                format!(
+                    "{metrics} is also a proxy listener; give the metrics listener its own port"
+                ),
+            );
+        }
+    }
     if listeners.https.is_some() && tls.store.as_os_str().is_empty() {
         c.error(
             None,

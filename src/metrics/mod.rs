@@ -162,6 +162,14 @@ impl Metrics {
                     .set(i64::from(entry.weight));
             }
         }
+        self.shift_state.reset();
+        let shifts = app.admin.shift_gauges();
+        for route in &snapshot.route_states {
+            let value = shifts.get(&route.name).copied().unwrap_or(0);
+            self.shift_state
+                .with_label_values(&[route.name.as_str()])
+                .set(value);
+        }
         self.certificate_expiry.reset();
         if let Some(store) = app.cert_store() {
             for cert in store.certificates() {

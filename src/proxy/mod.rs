@@ -472,6 +472,10 @@ impl ProxyHttp for Proxy {
         } else if idempotent_allowed {
             // Pingora marks a failure on a reused pooled connection that
             // produced no response byte as `ReusedOnly`; resolve it.
+            // NOTE: a backend that dies while working on the request looks
+            // the same, so such a GET is sent to a second backend too, as
+            // nginx's `proxy_next_upstream error` does; `retry_idempotent =
+            // false` on the route turns this off.
             e.retry.decide_reuse(client_reused);
         } else {
             // The request may have reached the backend: a webhook POST is
