@@ -462,3 +462,62 @@ async fn rejected_requests_are_counted() {
     );
     assert_eq!(blue.hits(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reload_and_commands_are_counted() {
+    let blue = TestBackend::start("blue").await;
+    let green = TestBackend::start("green").await;
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let body = blue_green(&[&blue], &[&green], (100, 0), FAST_HEALTH);
+    let proxy = ProxyProcess::start_rewritten(&body, |text| {
+        text.replace(
+            "metrics = \"off\"",
+            &format!("metrics = \"{metrics}\"\n{}", admin_lines()),
+        )
+    })
+    .await;
+    let mut admin = AdminClient::connect(&proxy.dir.path().join("admin.sock")).await;
+    admin.ok(serde_json::json!({"cmd": "reload"})).await;
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    proxy.write_raw_config(&text.replace("pools = {", "pools = { purple = 1,"));
+    let rejected = admin.request(serde_json::json!({"cmd": "reload"})).await;
+    assert_eq!(rejected["ok"], serde_json::json!(false), "{rejected}");
+    assert!(
+        proxy
+            .wait_log("config reload rejected", Duration::from_secs(3))
+            .await
+    );
+
+    let samples = scrape_until(metrics, |samples| {
+        value(samples, "switchyard_admin_commands_total", &[]) >= 2.0
+    })
+    .await;
+    let reloads = "switchyard_config_reloads_total";
+    assert_eq!(value(&samples, reloads, &[("result", "ok")]), 1.0);
+    assert_eq!(value(&samples, reloads, &[("result", "rejected")]), 1.0);
+    let commands = "switchyard_admin_commands_total";
+    assert_eq!(
+        value(
+            &samples,
+            commands,
+            &[("command", "reload"), ("result", "ok")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &samples,
+            commands,
+            &[("command", "reload"), ("result", "error")]
+        ),
+        1.0
+    );
+    let shift_state = samples
+        .iter()
+        .find(|s| {
+            s.name == "switchyard_shift_state"
+                && s.labels.get("route").map(String::as_str) == Some("app")
+        })
+        .expect("a shift state series for the route");
+    assert_eq!(shift_state.value, 0.0);
+}
