@@ -76,7 +76,7 @@ pub fn run(app: Arc<App>, flags: EngineFlags) -> ! {
         if let Some(manager) = acme.filter(|m| m.options().challenge == ChallengeKind::TlsAlpn01) {
             // TLS-ALPN-01 validation handshakes offer only `acme-tls/1`,
             // which Pingora's listener cannot advertise next to h2 and
-            // http/1.1, so they are answered before Pingora's handshake.
+            // http/1.1, so the pre-TLS hook completes them before Pingora's handshake.
             proxy
                 .endpoints()
                 .set_pre_tls_callback(manager.tls_alpn_interceptor());

@@ -25,7 +25,7 @@ mod listener;
 pub use listener::{readiness, serve};
 
 /// Latency buckets in seconds: 1 ms to 10 s, dense where webhook handlers
-/// answer (tens to hundreds of milliseconds).
+/// respond (tens to hundreds of milliseconds).
 const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -190,7 +190,7 @@ impl Metrics {
     }
 }
 
-/// The process-wide metrics.
+/// Returns the process-wide metrics, created on first use.
 pub fn global() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)

@@ -19,7 +19,7 @@ pub use store::{
     generate_self_signed, write_atomically, CertInfo, CertStore, ScanReport, TlsError,
 };
 
-/// How the resolver treats SNI names.
+/// Resolver settings for SNI names without a certificate of their own.
 #[derive(Clone, Debug)]
 pub struct ResolverOptions {
     /// File stem of the certificate for clients without SNI or with an

@@ -20,7 +20,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
 
-/// What a loaded certificate is, for `ctl certs`, metrics and ACME.
+/// Facts about a loaded certificate, for `ctl certs`, metrics and ACME.
 #[derive(Clone, Debug, Serialize)]
 pub struct CertInfo {
     /// File stem: `NAME` of `NAME.crt` and `NAME.key`.
@@ -97,7 +97,7 @@ impl CertMap {
         map
     }
 
-    /// The certificate for an SNI name: exact, then a one-label wildcard.
+    /// Finds the certificate for an SNI name: exact, then a one-label wildcard.
     pub fn find(&self, name: &str) -> Option<&Arc<Loaded>> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         if let Some(found) = self.exact.get(&name) {
