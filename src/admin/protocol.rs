@@ -216,7 +216,14 @@ fn parse_request(map: &Map<String, Value>) -> Result<Request, AdminError> {
             every: fields.every("every")?,
             limits: LimitsRequest {
                 max_error_rate: fields.opt_rate("max_error_rate")?,
-                max_p99: fields.opt_duration("max_p99")?,
+                max_p99: match fields.opt_duration("max_p99")? {
+                    Some(limit) if limit.is_zero() => {
+                        return Err(AdminError::invalid(
+                            "max_p99 is 0s, which no window can pass; use a positive duration such as \"500ms\"",
+                        ))
+                    }
+                    other => other,
+                },
                 min_requests: fields.opt_u64("min_requests")?,
             },
             expect_generation: fields.opt_u64("expect_generation")?,

@@ -189,12 +189,42 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
     }
 }
 
+/// The request's host, lower-case and without port; `None` when it is
+/// missing or not a valid `host[:port]` (RFC 9110 section 7.2), so that a
+/// value such as `a.test/../x` or `a.test:99999999` never reaches routing.
 fn request_host(request: &RequestHeader) -> Option<String> {
     if let Some(host) = request.uri.host() {
         return Some(normalize_host(host));
     }
-    let header = request.headers.get(http::header::HOST)?;
-    Some(normalize_host(header.to_str().ok()?))
+    let header = request.headers.get(http::header::HOST)?.to_str().ok()?;
+    valid_authority(header).then(|| normalize_host(header))
+}
+
+fn valid_authority(value: &str) -> bool {
+    let (host, port) = match value.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((literal, after)) => {
+                if literal.parse::<std::net::Ipv6Addr>().is_err() {
+                    return false;
+                }
+                (None, after.strip_prefix(':'))
+            }
+            None => return false,
+        },
+        None => match value.rsplit_once(':') {
+            Some((host, port)) => (Some(host), Some(port)),
+            None => (Some(value), None),
+        },
+    };
+    let host_valid = host.is_none_or(|host| {
+        !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    });
+    let port_valid = port.is_none_or(|port| port.parse::<u16>().is_ok());
+    host_valid && port_valid
 }
 
 #[async_trait]
@@ -236,7 +266,7 @@ impl ProxyHttp for Proxy {
         ctx.snapshot = Some(Arc::clone(&snapshot));
 
         let Some(host) = request_host(session.req_header()) else {
-            local::respond(session, ctx, 400, &[], "missing Host header\n").await?;
+            local::respond(session, ctx, 400, &[], "missing or invalid Host header\n").await?;
             return Ok(true);
         };
         ctx.host = host;
@@ -651,5 +681,36 @@ impl ProxyHttp for Proxy {
         }
         // Dropping the guard ends the backend's in-flight count.
         ctx.current.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_authority;
+
+    #[test]
+    fn authority_values() {
+        for good in [
+            "api.test",
+            "API.test:8443",
+            "127.0.0.1:80",
+            "[::1]:8080",
+            "[::1]",
+            "a_b.test",
+        ] {
+            assert!(valid_authority(good), "{good} rejected");
+        }
+        for bad in [
+            "",
+            "api.test/../x",
+            "api.test:99999999",
+            "api.test:",
+            "a b",
+            "[zz]:80",
+            "u@api.test",
+            "api.test:80:80",
+        ] {
+            assert!(!valid_authority(bad), "{bad} accepted");
+        }
     }
 }
