@@ -42,7 +42,7 @@ use crate::proxy::Proxy;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long an idle keep-alive connection stays open once shutdown starts,
-/// waiting for a request to answer with `Connection: close`. Well below
+/// waiting for a request to serve with `Connection: close`. Well below
 /// the shutdown grace period (5 s by default).
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 
@@ -66,7 +66,7 @@ enum Head {
     Ready(BytesMut),
     /// The client closed, stayed idle, or the server is stopping.
     Closed,
-    /// Answer this and close.
+    /// Send this rejection and close.
     Reject(Rejection),
 }
 
@@ -222,7 +222,7 @@ async fn read_head(
     // sending already. Pingora's grace period bounds the wait. An idle
     // keep-alive connection gets `SHUTDOWN_DRAIN` after shutdown starts:
     // a client in the middle of a request burst sends its next request in
-    // that window and is answered with `Connection: close`, where closing
+    // that window and gets its response with `Connection: close`, where closing
     // at once would reset the request it was about to send.
     let first_read = async {
         tokio::select! {
@@ -264,7 +264,7 @@ async fn read_head(
 }
 
 /// The length of the header section including its blank line, once the
-/// buffer holds it. Empty lines before the request line are skipped, as
+/// buffer contains it. Empty lines before the request line are skipped, as
 /// RFC 9112 section 2.2 allows.
 fn head_end(buffer: &[u8]) -> Option<usize> {
     let start = buffer

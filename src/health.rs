@@ -7,7 +7,7 @@
 //! State rules:
 //! - At process start every checked backend is `Pending`; its first probe
 //!   decides directly, and requests wait (bounded) for that first round
-//!   instead of answering 503 for a backend that is about to pass.
+//!   instead of returning 503 for a backend that is about to pass.
 //! - A backend that first appears in a later config starts `Unhealthy` and
 //!   needs `healthy_threshold` passes in a row.
 //! - A healthy backend turns unhealthy after `unhealthy_threshold` failures

@@ -8,7 +8,6 @@
 //! no longer in its pool is dropped the same way.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -69,8 +68,6 @@ pub fn write(
     shifts: &BTreeMap<String, ShiftPlan>,
     generation: u64,
 ) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-
     let state = StateFile {
         version: VERSION,
         generation,
@@ -88,28 +85,8 @@ pub fn write(
     };
     let mut text = serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?;
     text.push(b'\n');
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "state".to_string());
-    let temp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)?;
-        file.write_all(&text)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
+    crate::tls::write_atomically(path, &text, 0o600)
+        .map_err(|err| std::io::Error::other(err.message))
 }
 
 /// Reads the state file named by `admin.state_file`, if any, and keeps what

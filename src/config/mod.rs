@@ -23,7 +23,7 @@ pub use validate::MAX_WEIGHT;
 pub struct ConfigError {
     /// 1-based line in the file, when the problem can be placed.
     pub line: Option<usize>,
-    /// Where the problem is, such as `route "webhook": pool "green"`.
+    /// Key path of the problem, such as `route "webhook": pool "green"`.
     pub key: String,
     pub message: String,
 }
@@ -88,11 +88,10 @@ pub struct Listeners {
     pub pid_file: PathBuf,
 }
 
-/// What the plain HTTP listener does with a request that is not an ACME
-/// HTTP-01 challenge.
+/// Handling of plain HTTP requests other than ACME HTTP-01 challenges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlainHttp {
-    /// Answer `308 Permanent Redirect` to the same URL over `https://`,
+    /// Respond `308 Permanent Redirect` to the same URL over `https://`,
     /// except on routes that set `plain_http = true`.
     Redirect,
     /// Proxy every request as the HTTPS listener would.
@@ -223,7 +222,7 @@ pub struct Route {
     pub body_read_timeout: Duration,
 }
 
-/// A host a route answers for.
+/// A host pattern a route serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HostPattern {
     /// `api.example.com`, compared case-insensitively.
@@ -359,7 +358,7 @@ impl Config {
         self.routes.iter().find(|route| route.name == name)
     }
 
-    /// Every exact host name that the routes name, for certificates.
+    /// Lists every exact host name that the routes name, for certificates.
     pub fn exact_hosts(&self) -> Vec<String> {
         let mut hosts: Vec<String> = self
             .routes
@@ -375,7 +374,7 @@ impl Config {
         hosts
     }
 
-    /// A one-line summary for `switchyard check`.
+    /// Formats the one-line summary that `switchyard check` prints.
     pub fn summary(&self) -> String {
         let backends: usize = self.pools.values().map(|pool| pool.backends.len()).sum();
         format!(

@@ -1,6 +1,6 @@
 //! The Pingora `ProxyHttp` implementation: the request phases, in order.
 //!
-//! 1. `request_filter`: load the snapshot, assign the request id, answer
+//! 1. `request_filter`: load the snapshot, assign the request id, serve
 //!    ACME HTTP-01 tokens, route, redirect plain HTTP, check the body size,
 //!    then pick a backend (waiting a bounded time when none is healthy).
 //! 2. `upstream_peer`: turn the pick into a Pingora peer; on a retry, pick
@@ -189,9 +189,9 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
     }
 }
 
-/// The request's host, lower-case and without port; `None` when it is
-/// missing or not a valid `host[:port]` (RFC 9110 section 7.2), so that a
-/// value such as `a.test/../x` or `a.test:99999999` never reaches routing.
+/// Extracts the request's host, lower-case and without port. Returns
+/// `None` when it is missing or not a valid `host[:port]` (RFC 9110
+/// section 7.2), so a value such as `a.test/../x` never reaches routing.
 fn request_host(request: &RequestHeader) -> Option<String> {
     if let Some(host) = request.uri.host() {
         return Some(normalize_host(host));
@@ -270,7 +270,7 @@ impl ProxyHttp for Proxy {
             return Ok(true);
         };
         ctx.host = host;
-        let path = session.req_header().uri.path().to_string();
+        let path = session.req_header().uri.path();
 
         if !ctx.tls && path.starts_with(ACME_CHALLENGE_PREFIX) {
             let token = &path[ACME_CHALLENGE_PREFIX.len()..];
@@ -285,7 +285,7 @@ impl ProxyHttp for Proxy {
             return Ok(true);
         }
 
-        let Some(route) = snapshot.routes.find(&ctx.host, &path) else {
+        let Some(route) = snapshot.routes.find(&ctx.host, path) else {
             local::respond(session, ctx, 404, &[], "no route for this host and path\n").await?;
             return Ok(true);
         };
@@ -505,9 +505,9 @@ impl ProxyHttp for Proxy {
             // Pingora marks a failure on a reused pooled connection that
             // produced no response byte as `ReusedOnly`; resolve it.
             // NOTE: a backend that dies while working on the request looks
-            // the same, so such a GET is sent to a second backend too, as
-            // nginx's `proxy_next_upstream error` does; `retry_idempotent =
-            // false` on the route turns this off.
+            // the same, so such a GET goes to a second backend too, as with
+            // nginx's `proxy_next_upstream error`. Setting
+            // `retry_idempotent = false` on the route turns this off.
             e.retry.decide_reuse(client_reused);
         } else {
             // The request may have reached the backend: a webhook POST is
@@ -630,10 +630,8 @@ impl ProxyHttp for Proxy {
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let (pool, backend) = match &ctx.current {
-            Some((pick, _)) => (pick.pool.name.as_str(), pick.address.to_string()),
-            None => ("", String::new()),
-        };
+        let pick = ctx.current.as_ref().map(|(pick, _)| pick);
+        let pool = pick.map_or("", |pick| pick.pool.name.as_str());
         let route = ctx.route_name().unwrap_or("");
         let elapsed = ctx.started.elapsed();
         metrics::global().record_request(route, pool, status, elapsed);
@@ -642,12 +640,15 @@ impl ProxyHttp for Proxy {
         });
         if log_access {
             let request = session.req_header();
+            let backend = pick
+                .map(|pick| pick.address.to_string())
+                .unwrap_or_default();
             let upstream_ms = match (ctx.upstream_started, ctx.upstream_header_at) {
                 (Some(start), Some(header)) => header.duration_since(start).as_secs_f64() * 1000.0,
                 _ => 0.0,
             };
             // Webhook verification queries carry tokens, so the query string
-            // is left out unless the config asks for it.
+            // is left out unless `log_query` is set.
             let path = match (log_query, request.uri.path_and_query()) {
                 (true, Some(path_and_query)) => path_and_query.as_str(),
                 _ => request.uri.path(),
@@ -672,14 +673,14 @@ impl ProxyHttp for Proxy {
                 "request"
             );
         }
-        if let (Some(route), Some((pick, _))) = (ctx.route_name(), &ctx.current) {
-            // A shift judges its target pool by 5xx answers and upstream
-            // failures; a client that went away is not the pool's fault.
+        if let (Some(route), Some(pick)) = (ctx.route_name(), pick) {
+            // A shift judges its target pool by 5xx responses and upstream
+            // failures, because a client that went away is not the pool's fault.
             let failed = status >= 500 || error.is_some_and(|e| e.esource == ErrorSource::Upstream);
             self.app
                 .admin
                 .outcomes
-                .record(route, &pick.pool.name, failed, ctx.started.elapsed());
+                .record(route, &pick.pool.name, failed, elapsed);
         }
         // Dropping the guard ends the backend's in-flight count.
         ctx.current.take();
