@@ -59,6 +59,15 @@ pub fn run(app: Arc<App>, flags: EngineFlags) -> ! {
     options.h2c = listeners.h2c;
     options.h2_idle_timeout = Some(config.limits.keepalive_timeout);
     http_proxy.server_options = Some(options);
+    // The h2 codec refuses a header list above this size before the proxy
+    // sees it; the configured limit, which a reload may change, is applied
+    // per request by `framing::inspect_http2_head`. Pingora's default cap is
+    // 64 KiB, kept unless the configured limit is larger.
+    let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+    h2.max_header_list_size(
+        u32::try_from(config.limits.max_header_bytes.max(64 * 1024)).unwrap_or(u32::MAX),
+    );
+    http_proxy.h2_options = Some(h2);
     // Client-side limits wrap the proxy: see `crate::downstream`.
     let front = Downstream::new(http_proxy, Arc::clone(&app), config.limits.max_connections);
     let mut proxy = Service::new("switchyard proxy".to_string(), front);

@@ -159,6 +159,61 @@ async fn oversized_headers_get_431() {
     );
 }
 
+/// Sends one HTTP/2 request over h2c with curl and returns the status code
+/// and the protocol version curl used.
+async fn curl_h2c(addr: std::net::SocketAddr, headers: &[String]) -> (String, String) {
+    let mut command = tokio::process::Command::new("curl");
+    command.args(["-sS", "--http2-prior-knowledge", "-o", "/dev/null"]);
+    command.args(["-w", "%{http_version} %{http_code}", "--max-time", "10"]);
+    for header in headers {
+        command.args(["-H", header]);
+    }
+    let output = command
+        .arg(format!("http://a:{}/", addr.port()))
+        .arg("--connect-to")
+        .arg(format!("a:{}:127.0.0.1:{}", addr.port(), addr.port()))
+        .output()
+        .await
+        .expect("run curl");
+    let written = String::from_utf8_lossy(&output.stdout).to_string();
+    let (version, status) = written.split_once(' ').unwrap_or(("", ""));
+    (version.to_string(), status.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_http2_headers_get_431() {
+    let backend = TestBackend::start("blue").await;
+    let proxy = ProxyProcess::start_rewritten(
+        &config(
+            &backend,
+            "max_header_bytes = \"8KiB\"\nmax_header_count = 20",
+        ),
+        |text| text.replace("threads = 2\n", "threads = 2\nh2c = true\n"),
+    )
+    .await;
+
+    let long = vec![format!("X-Long: {}", "a".repeat(9000))];
+    assert_eq!(
+        curl_h2c(proxy.http, &long).await,
+        ("2".into(), "431".into())
+    );
+    let many: Vec<String> = (0..25).map(|i| format!("X-H{i}: v")).collect();
+    assert_eq!(
+        curl_h2c(proxy.http, &many).await,
+        ("2".into(), "431".into())
+    );
+    let under = vec![format!("X-Long: {}", "a".repeat(7000))];
+    assert_eq!(
+        curl_h2c(proxy.http, &under).await,
+        ("2".into(), "200".into())
+    );
+    assert_eq!(
+        backend.hits(),
+        1,
+        "an oversized HTTP/2 request reached the backend"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_body_gets_413_declared_and_chunked() {
     let backend = TestBackend::start("blue").await;

@@ -12,9 +12,12 @@
 //!   header value, lines ending in a bare LF, folded header lines;
 //! - more than one `Host`, or none in HTTP/1.1.
 //!
-//! Too many header fields, or too many header bytes, get 431.
+//! Too many header fields, or too many header bytes, get 431, over
+//! HTTP/1.x and HTTP/2 alike.
 
 use std::time::Duration;
+
+use pingora::http::RequestHeader;
 
 use crate::config::{format_duration, Limits};
 
@@ -182,6 +185,28 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<(), Rejection> {
             }
             _ => declared = Some(length),
         }
+    }
+    Ok(())
+}
+
+/// Applies the header size and count limits to an HTTP/2 request, whose
+/// framing the h2 codec has already checked. The size counts each field as
+/// HTTP/1.1 would send it (`name: value` and CRLF) plus the request line,
+/// so one limit means the same over both protocols.
+pub fn inspect_http2_head(header: &RequestHeader, limits: &Limits) -> Result<(), Rejection> {
+    if header.headers.len() > limits.max_header_count {
+        return Err(Rejection::too_many_headers(limits.max_header_count));
+    }
+    let target = header.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let authority = header.uri.authority().map_or(0, |a| a.as_str().len());
+    let request_line = header.method.as_str().len() + target + authority + 12;
+    let fields: usize = header
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if request_line + fields > limits.max_header_bytes {
+        return Err(Rejection::header_too_large(limits.max_header_bytes));
     }
     Ok(())
 }

@@ -265,6 +265,22 @@ impl ProxyHttp for Proxy {
             .is_some();
         ctx.snapshot = Some(Arc::clone(&snapshot));
 
+        // HTTP/1.x heads were checked by `crate::downstream` before parsing.
+        if session.is_http2() {
+            if let Err(rejection) =
+                framing::inspect_http2_head(session.req_header(), &snapshot.config.limits)
+            {
+                tracing::warn!(
+                    status = rejection.status,
+                    reason = %rejection.reason,
+                    "request rejected before routing"
+                );
+                let body = format!("{}\n", rejection.reason);
+                local::respond(session, ctx, rejection.status, &[], &body).await?;
+                return Ok(true);
+            }
+        }
+
         let Some(host) = request_host(session.req_header()) else {
             local::respond(session, ctx, 400, &[], "missing or invalid Host header\n").await?;
             return Ok(true);
