@@ -336,8 +336,8 @@ impl ProxyHttp for Proxy {
 
         // Pingora's read timeout bounds each read of the request body, not
         // the whole body; the write timeout bounds each write of the response.
-        // TODO: Pingora 0.9.1 ignores both on HTTP/2 streams, so nothing here
-        // bounds a stalled h2 request body.
+        // TODO: Pingora 0.9.1 ignores the read timeout on HTTP/2 streams, so
+        // nothing here bounds a stalled h2 request body.
         session.set_read_timeout(Some(route_config.body_read_timeout));
         session.set_write_timeout(Some(snapshot.config.limits.response_write_timeout));
 
