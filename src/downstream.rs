@@ -19,6 +19,8 @@
 //!    the whole header within `header_read_timeout` of that byte, answer
 //!    `408`, `431` or `400` and close when it is late, too large or
 //!    malformed; else let Pingora run the request and loop on keep-alive.
+//!    Bytes read past a request whose body length is known are a pipelined
+//!    next request: they stay here and are checked in turn.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +38,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::app::App;
 use crate::config::Limits;
-use crate::proxy::framing::{inspect_head, Rejection};
+use crate::proxy::framing::{inspect_head, BodyFraming, Rejection};
 use crate::proxy::Proxy;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -62,8 +64,13 @@ pub struct Downstream {
 
 /// The outcome of reading one request header.
 enum Head {
-    /// The complete header, with any body bytes that came with it.
-    Ready(BytesMut),
+    /// The complete header with the bytes read after it: body bytes, and
+    /// possibly pipelined requests.
+    Ready {
+        buffer: BytesMut,
+        header_len: usize,
+        framing: BodyFraming,
+    },
     /// The client closed, stayed idle, or the server is stopping.
     Closed,
     /// Send this rejection and close.
@@ -111,11 +118,41 @@ impl Downstream {
     async fn serve_h1(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut first = true;
+        // Bytes read past the end of the previous request: the start of a
+        // pipelined one.
+        let mut pipelined = BytesMut::new();
         loop {
             let limits = self.limits();
-            let head = read_head(&mut stream, &limits, first, shutdown, &self.pressure).await;
+            let head = read_head(
+                &mut stream,
+                pipelined,
+                &limits,
+                first,
+                shutdown,
+                &self.pressure,
+            )
+            .await;
             let prefix = match head {
-                Head::Ready(prefix) => prefix,
+                Head::Ready {
+                    mut buffer,
+                    header_len,
+                    framing,
+                } => {
+                    // Pingora gets this request's bytes only. It would drop
+                    // a pipelined request it read along with them; kept here,
+                    // that request goes through `read_head` and its checks
+                    // like any other. A chunked body's end is unknown here,
+                    // so it and anything after it go to Pingora.
+                    let end = match framing {
+                        BodyFraming::Length(body) => usize::try_from(body)
+                            .ok()
+                            .and_then(|body| header_len.checked_add(body))
+                            .map_or(buffer.len(), |end| end.min(buffer.len())),
+                        BodyFraming::Chunked => buffer.len(),
+                    };
+                    pipelined = buffer.split_off(end);
+                    buffer
+                }
                 Head::Closed => return,
                 Head::Reject(rejection) => {
                     tracing::warn!(
@@ -143,9 +180,8 @@ impl Downstream {
             let Some(reused) = reused else {
                 return;
             };
-            // TODO: bytes of a pipelined next request that Pingora already
-            // buffered are lost here, so a client that pipelines gets only
-            // its first response before the connection closes.
+            // Pingora keeps the connection only when it read nothing past the
+            // request, so the pipelined bytes held here are all there are.
             let (next, next_settings) = reused.consume();
             stream = next;
             settings = next_settings;
@@ -204,12 +240,34 @@ async fn stopping(shutdown: &ShutdownWatch) {
 /// a server shutdown or connection pressure closes the idle connection.
 async fn read_head(
     stream: &mut Stream,
+    pipelined: BytesMut,
     limits: &Limits,
     first: bool,
     shutdown: &ShutdownWatch,
     pressure: &Notify,
 ) -> Head {
-    let mut buffer = BytesMut::with_capacity(4096);
+    if pipelined.is_empty() {
+        let mut buffer = BytesMut::with_capacity(4096);
+        if !wait_for_request(stream, &mut buffer, limits, first, shutdown, pressure).await {
+            return Head::Closed;
+        }
+        read_rest_of_head(stream, buffer, limits).await
+    } else {
+        read_rest_of_head(stream, pipelined, limits).await
+    }
+}
+
+/// Waits for the first bytes of a request on a new or idle keep-alive
+/// connection; false when the client closed, stayed idle too long, or the
+/// server asks idle connections to go.
+async fn wait_for_request(
+    stream: &mut Stream,
+    buffer: &mut BytesMut,
+    limits: &Limits,
+    first: bool,
+    shutdown: &ShutdownWatch,
+    pressure: &Notify,
+) -> bool {
     let idle = if first {
         limits.header_read_timeout
     } else if *shutdown.borrow() {
@@ -226,17 +284,19 @@ async fn read_head(
     // at once would reset the request it was about to send.
     let first_read = async {
         tokio::select! {
-            read = timeout(idle, stream.read_buf(&mut buffer)) => Some(read),
+            read = timeout(idle, stream.read_buf(buffer)) => Some(read),
             _ = stopping(shutdown), if !first && !*shutdown.borrow() => {
-                Some(timeout(SHUTDOWN_DRAIN, stream.read_buf(&mut buffer)).await)
+                Some(timeout(SHUTDOWN_DRAIN, stream.read_buf(buffer)).await)
             }
             _ = pressure.notified(), if !first => None,
         }
     };
-    match first_read.await {
-        Some(Ok(Ok(n))) if n > 0 => {}
-        _ => return Head::Closed,
-    }
+    matches!(first_read.await, Some(Ok(Ok(n))) if n > 0)
+}
+
+/// Reads until `buffer` holds a complete header, within
+/// `header_read_timeout`, and checks it.
+async fn read_rest_of_head(stream: &mut Stream, mut buffer: BytesMut, limits: &Limits) -> Head {
     let deadline = Instant::now() + limits.header_read_timeout;
     loop {
         match head_end(&buffer) {
@@ -245,7 +305,11 @@ async fn read_head(
             }
             Some(end) => {
                 return match inspect_head(&buffer[..end], limits) {
-                    Ok(()) => Head::Ready(buffer),
+                    Ok(framing) => Head::Ready {
+                        buffer,
+                        header_len: end,
+                        framing,
+                    },
                     Err(rejection) => Head::Reject(rejection),
                 };
             }

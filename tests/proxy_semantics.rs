@@ -174,3 +174,45 @@ async fn unknown_route_is_404() {
         404
     );
 }
+
+/// Requests a client sends before the previous response (RFC 9112 section
+/// 9.3.2) are answered in order on the same connection, and each pipelined
+/// request gets the same framing checks as a first one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let (blue, _green, proxy) = one_pool().await;
+    let burst = concat!(
+        "GET /one HTTP/1.1\r\nHost: a\r\n\r\n",
+        "POST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+        "GET /three?x=1 HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET /four HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    let response = raw_exchange(proxy.http, burst.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(response.matches("HTTP/1.1 200").count(), 4, "{response}");
+    let seen: Vec<(String, Vec<u8>)> = blue
+        .requests()
+        .iter()
+        .map(|r| (r.target.clone(), r.body.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("/one".to_string(), Vec::new()),
+            ("/two".to_string(), b"hello".to_vec()),
+            ("/three?x=1".to_string(), Vec::new()),
+            ("/four".to_string(), Vec::new()),
+        ]
+    );
+
+    // A pipelined request with ambiguous framing is refused, and never
+    // reaches the backend, after the first one is answered.
+    let smuggle = concat!(
+        "GET /five HTTP/1.1\r\nHost: a\r\n\r\n",
+        "POST /six HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    );
+    let response = raw_exchange(proxy.http, smuggle.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("HTTP/1.1 400"), "{response}");
+    let targets: Vec<String> = blue.requests().iter().map(|r| r.target.clone()).collect();
+    assert_eq!(targets.last().map(String::as_str), Some("/five"));
+}

@@ -91,9 +91,19 @@ impl Rejection {
     }
 }
 
+/// Where the body of a request that passed the checks ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// Exactly this many bytes follow the header (0 without a body).
+    Length(u64),
+    /// A chunked body, whose end only a chunk parser finds.
+    Chunked,
+}
+
 /// Checks one complete request header (request line through the blank
-/// line) against the limits and the framing rules above.
-pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<(), Rejection> {
+/// line) against the limits and the framing rules above, and tells where
+/// the body ends.
+pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<BodyFraming, Rejection> {
     if head.len() > limits.max_header_bytes {
         return Err(Rejection::header_too_large(limits.max_header_bytes));
     }
@@ -186,7 +196,19 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<(), Rejection> {
             _ => declared = Some(length),
         }
     }
-    Ok(())
+    if has_transfer_encoding {
+        return Ok(BodyFraming::Chunked);
+    }
+    match declared {
+        None => Ok(BodyFraming::Length(0)),
+        // Up to 19 digits: a value above u64::MAX is refused here, and any
+        // value above `max_body` later, with 413.
+        Some(digits) => std::str::from_utf8(digits)
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .map(BodyFraming::Length)
+            .ok_or_else(|| Rejection::bad_request("invalid Content-Length")),
+    }
 }
 
 /// Applies the header size and count limits to an HTTP/2 request, whose
@@ -236,7 +258,32 @@ mod tests {
     use super::*;
 
     fn check(head: &str) -> Result<(), u16> {
-        inspect_head(head.as_bytes(), &Limits::default()).map_err(|r| r.status)
+        inspect_head(head.as_bytes(), &Limits::default())
+            .map(|_| ())
+            .map_err(|r| r.status)
+    }
+
+    #[test]
+    fn framing_tells_where_the_body_ends() {
+        let framing = |head: &str| inspect_head(head.as_bytes(), &Limits::default());
+        assert_eq!(
+            framing("GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(BodyFraming::Length(0))
+        );
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 007\r\n\r\n"),
+            Ok(BodyFraming::Length(7))
+        );
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n"),
+            Ok(BodyFraming::Length(5))
+        );
+        assert_eq!(
+            framing("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Ok(BodyFraming::Chunked)
+        );
+        let huge = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n";
+        assert_eq!(framing(huge).map_err(|r| r.status), Err(400));
     }
 
     #[test]
@@ -292,7 +339,9 @@ mod tests {
         };
         let head = "GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n";
         assert_eq!(
-            inspect_head(head.as_bytes(), &limits).map_err(|r| r.status),
+            inspect_head(head.as_bytes(), &limits)
+                .map(|_| ())
+                .map_err(|r| r.status),
             Err(431)
         );
         let big = format!(
