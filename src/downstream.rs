@@ -150,7 +150,13 @@ impl Downstream {
                             .map_or(buffer.len(), |end| end.min(buffer.len())),
                         BodyFraming::Chunked => buffer.len(),
                     };
-                    pipelined = buffer.split_off(end);
+                    // An empty tail would still share, and so keep alive,
+                    // the allocation Pingora gets for this request.
+                    pipelined = if end < buffer.len() {
+                        buffer.split_off(end)
+                    } else {
+                        BytesMut::new()
+                    };
                     buffer
                 }
                 Head::Closed => return,
@@ -176,7 +182,14 @@ impl Downstream {
                 session.set_keepalive(None);
             }
             session.set_pipelined_prefix(prefix);
-            let reused = HttpServerApp::process_new_http(&self.proxy, session, shutdown).await;
+            // Boxed so that the proxy's large future lives only while a
+            // request runs, not in the state of every idle connection.
+            let reused = Box::pin(HttpServerApp::process_new_http(
+                &self.proxy,
+                session,
+                shutdown,
+            ))
+            .await;
             let Some(reused) = reused else {
                 return;
             };
@@ -202,7 +215,7 @@ impl ServerApp for Downstream {
         if self.is_h2(&mut stream, &limits).await {
             // HTTP/2 has its own framing; Pingora's h2 server handles it,
             // with `h2_idle_timeout` set from `keepalive_timeout`.
-            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+            return Box::pin(ServerApp::process_new(&self.proxy, stream, shutdown)).await;
         }
         self.serve_h1(stream, shutdown).await;
         None

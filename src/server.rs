@@ -20,6 +20,11 @@ use crate::metrics;
 use crate::proxy::Proxy;
 use crate::tls::{self, CertStore, ResolverOptions, SniResolver};
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
+
+/// Read buffer of each HTTPS connection's socket, in bytes: one TLS record
+/// of 16 KiB plus its header.
+const TLS_READ_BUFFER: usize = 16 * 1024 + 5;
 
 /// Pingora's own command-line switches that `switchyard run` passes through.
 #[derive(Clone, Debug, Default)]
@@ -72,7 +77,13 @@ pub fn run(app: Arc<App>, flags: EngineFlags) -> ! {
     let front = Downstream::new(http_proxy, Arc::clone(&app), config.limits.max_connections);
     let mut proxy = Service::new("switchyard proxy".to_string(), front);
     if let Some(http) = listeners.http {
-        proxy.add_tcp(&http.to_string());
+        // Unbuffered reads: the front reads each header into its own buffer
+        // and Pingora reads bodies into its own, so Pingora's default 64 KiB
+        // read buffer per connection would only add a copy and resident
+        // memory to every idle keep-alive connection.
+        proxy.add_listener(
+            ListenerConfig::tcp(http.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
     }
     if let Some(https) = listeners.https {
         let (settings, acme) = match https_settings(&app, config) {
@@ -90,7 +101,13 @@ pub fn run(app: Arc<App>, flags: EngineFlags) -> ! {
                 .endpoints()
                 .set_pre_tls_callback(manager.tls_alpn_interceptor());
         }
-        proxy.add_tls_with_settings(&https.to_string(), None, settings);
+        // rustls reads TLS records of up to 16 KiB; a buffer of one record
+        // keeps the reads per record low without Pingora's default 64 KiB.
+        proxy.add_listener(
+            ListenerConfig::tcp(https.to_string())
+                .tls(settings)
+                .l4_buffer(L4BufferSettings::default().read(TLS_READ_BUFFER)),
+        );
     }
     let control = background_service(
         "control",
