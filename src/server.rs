@@ -43,6 +43,7 @@ pub fn run(app: Arc<App>, flags: EngineFlags) -> ! {
 
     let conf = ServerConf {
         threads: listeners.threads,
+        max_retries: crate::proxy::MAX_ATTEMPTS as usize,
         grace_period_seconds: Some(listeners.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(listeners.graceful_shutdown_timeout.as_secs()),
         upgrade_sock: listeners.upgrade_socket.to_string_lossy().into_owned(),

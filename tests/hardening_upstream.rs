@@ -328,3 +328,80 @@ async fn ejection_cap_keeps_half_the_pool() {
     );
     assert!(logs.contains("ejection cap is reached"), "{logs}");
 }
+
+/// A signed webhook POST sent while its only backend restarts: no backend
+/// has received it, so it waits for the backend to come back instead of
+/// failing, and arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_outlives_a_backend_restart() {
+    let backend = TestBackend::start("blue").await;
+    let addr = backend.addr;
+    let proxy = ProxyProcess::start(&one_backend(addr, "no_backend_wait = \"3s\"")).await;
+    assert_eq!(get(proxy.http, "a", "/warm").await.unwrap().status, 200);
+    backend.kill();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "the killed backend still accepts"
+    );
+
+    let restarted = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        TestBackend::serve(listener, "blue")
+    });
+    let started = std::time::Instant::now();
+    let mut client = Client::connect(proxy.http).await.unwrap();
+    let request = Request::post("/webhook")
+        .header("host", "a")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"entry\":[]}")))
+        .unwrap();
+    let reply = client.send(request).await.unwrap();
+    let waited = started.elapsed();
+    let restarted = restarted.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(waited >= Duration::from_millis(700), "{waited:?}");
+    let posts: Vec<Recorded> = restarted
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    assert_eq!(posts.len(), 1);
+    assert_eq!(posts[0].body, b"{\"entry\":[]}");
+}
+
+/// A backend that stays down: the request waits `no_backend_wait`, then
+/// gets 503 with `Retry-After`, as when no backend is healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_backend_gives_503_after_the_wait() {
+    let backend = TestBackend::start("blue").await;
+    let proxy = ProxyProcess::start(&one_backend(backend.addr, "no_backend_wait = \"1s\"")).await;
+    assert_eq!(get(proxy.http, "a", "/warm").await.unwrap().status, 200);
+    backend.kill();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let reply = get(proxy.http, "a", "/").await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.header("retry-after").as_deref(), Some("1"));
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+}
+
+/// A backend that takes the request and never answers: 504 once
+/// `read_timeout` passes, as nginx answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_backend_gives_504() {
+    let backend = RawBackend::start(|mut stream, _| async move {
+        if read_request(&mut stream).await.is_some() {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    })
+    .await;
+    let proxy = ProxyProcess::start(&one_backend(backend.addr, "read_timeout = \"500ms\"")).await;
+    let reply = get(proxy.http, "a", "/slow").await.unwrap();
+    assert_eq!(reply.status, 504, "{}", reply.text());
+}

@@ -216,3 +216,36 @@ async fn pipelined_requests_are_answered_in_order() {
     let targets: Vec<String> = blue.requests().iter().map(|r| r.target.clone()).collect();
     assert_eq!(targets.last().map(String::as_str), Some("/five"));
 }
+
+/// An absolute-form target reaches the backend in origin-form; one whose
+/// authority differs from `Host` is refused (Pingora checks that), as is a
+/// raw non-ASCII byte in a target, before either reaches a backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_target_reaches_the_backend_in_origin_form() {
+    let (blue, _green, proxy) = one_pool().await;
+    let request = concat!(
+        "POST http://hooks.example/webhook?hub.mode=a%2Fb+c HTTP/1.1\r\n",
+        "Host: hooks.example\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    );
+    let response = raw_exchange(proxy.http, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = blue.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].target, "/webhook?hub.mode=a%2Fb+c");
+    assert_eq!(seen[0].header("host").as_deref(), Some("hooks.example"));
+    assert_eq!(seen[0].body, b"{}");
+
+    let mismatch =
+        "GET http://hooks.example/x HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n";
+    let response = raw_exchange(proxy.http, mismatch.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+
+    let raw = b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let response = raw_exchange(proxy.http, raw, Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert_eq!(
+        blue.requests().len(),
+        1,
+        "the raw target reached the backend"
+    );
+}

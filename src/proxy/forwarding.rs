@@ -114,6 +114,30 @@ pub fn strip_response_hop_by_hop(response: &mut ResponseHeader) {
     }
 }
 
+/// Splits an absolute-form request target (`http://host:port/path?query`,
+/// RFC 9112 section 3.2.2) into its authority and the origin-form target a
+/// backend expects; `None` for any other form. The path and query bytes are
+/// kept exactly as sent.
+pub fn split_absolute_form(target: &[u8]) -> Option<(&[u8], Vec<u8>)> {
+    let scheme_end = target.windows(3).position(|w| w == b"://")?;
+    let scheme = &target[..scheme_end];
+    if !scheme.eq_ignore_ascii_case(b"http") && !scheme.eq_ignore_ascii_case(b"https") {
+        return None;
+    }
+    let rest = &target[scheme_end + 3..];
+    let end = rest
+        .iter()
+        .position(|b| *b == b'/' || *b == b'?')
+        .unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let origin = if tail.starts_with(b"/") {
+        tail.to_vec()
+    } else {
+        [b"/".as_slice(), tail].concat()
+    };
+    Some((authority, origin))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +202,28 @@ mod tests {
         assert!(resp.headers.get("keep-alive").is_none());
         assert!(resp.headers.get("connection").is_none());
         assert_eq!(resp.headers["content-type"], "text/plain");
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form() {
+        let split = |t: &str| {
+            split_absolute_form(t.as_bytes()).map(|(a, o)| {
+                (
+                    String::from_utf8(a.to_vec()).unwrap(),
+                    String::from_utf8(o).unwrap(),
+                )
+            })
+        };
+        assert_eq!(
+            split("http://api.example.com/webhook?a=%2F+b"),
+            Some(("api.example.com".into(), "/webhook?a=%2F+b".into()))
+        );
+        assert_eq!(
+            split("HTTPS://h:8443?x=1"),
+            Some(("h:8443".into(), "/?x=1".into()))
+        );
+        assert_eq!(split("http://h"), Some(("h".into(), "/".into())));
+        assert_eq!(split("/webhook"), None);
+        assert_eq!(split("ftp://h/x"), None);
     }
 }

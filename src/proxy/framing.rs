@@ -135,6 +135,18 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<BodyFraming, Rejecti
         }
     }
 
+    // httparse lets bytes above 0x7F through in the target for old
+    // clients; RFC 3986 has them percent-encoded, and a backend may decode
+    // raw ones differently from the proxy's router.
+    if request
+        .path
+        .is_some_and(|target| !target.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(Rejection::bad_request(
+            "the request target has bytes outside printable ASCII; percent-encode them",
+        ));
+    }
+
     let http10 = request.version == Some(0);
     let mut lengths: Vec<&[u8]> = Vec::new();
     let mut codings: Vec<String> = Vec::new();
@@ -284,6 +296,15 @@ mod tests {
         );
         let huge = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n";
         assert_eq!(framing(huge).map_err(|r| r.status), Err(400));
+    }
+
+    #[test]
+    fn raw_non_ascii_target_is_refused() {
+        assert_eq!(
+            check("GET /caf\u{e9} HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Err(400)
+        );
+        assert_eq!(check("GET /caf%C3%A9 HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(()));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
-use pingora::proxy::FailToProxy;
+use pingora::proxy::{FailToProxy, ProxyWarnLogContext};
 
 use crate::app::App;
 use crate::config::PlainHttp;
@@ -37,6 +37,17 @@ use crate::snapshot::{Pick, Snapshot};
 pub use forwarding::REQUEST_ID;
 
 const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// Attempts Pingora makes per request (`ServerConf::max_retries`, 16 by
+/// default), counting the first.
+pub const MAX_ATTEMPTS: u32 = 16;
+
+/// The pause before each attempt of a request that no backend has
+/// received yet, once the route's immediate retries are used: the
+/// remaining attempts spread over `no_backend_wait`, and at least 100 ms.
+fn unreached_pause(no_backend_wait: Duration) -> Duration {
+    (no_backend_wait / (MAX_ATTEMPTS - 2)).max(Duration::from_millis(100))
+}
 
 /// Per-request state shared by the phases.
 pub struct RequestCtx {
@@ -57,6 +68,10 @@ pub struct RequestCtx {
     upstream_status: Option<u16>,
     /// Request body bytes read so far, for the streaming `max_body` check.
     body_bytes: u64,
+    /// When every backend tried so far refused or timed out the connection,
+    /// the time of the first such failure: the request has reached no
+    /// backend, so it may keep trying until `no_backend_wait` after it.
+    unreached_since: Option<Instant>,
 }
 
 impl RequestCtx {
@@ -152,6 +167,51 @@ impl Proxy {
         }
     }
 
+    /// Tells whether this request used up the route's immediate retries,
+    /// so that it only goes on because no backend has received it yet.
+    fn out_of_quick_retries(&self, ctx: &RequestCtx) -> bool {
+        let allowed = ctx
+            .snapshot
+            .as_ref()
+            .zip(ctx.route)
+            .map_or(0, |(s, r)| s.config.routes[r].retries);
+        ctx.attempts > allowed
+    }
+
+    /// Picks the next backend for a request that no backend has received,
+    /// after a pause: a restarting backend refuses connections for a moment
+    /// before its health check fails, and the request should outlive that
+    /// moment rather than fail at once. Loads the current snapshot so that a
+    /// weight change or reload made meanwhile applies.
+    async fn pick_after_pause(&self, ctx: &mut RequestCtx) -> Result<Pick> {
+        let (Some(snapshot), Some(route)) = (ctx.snapshot.clone(), ctx.route) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "upstream_peer without a route",
+            ));
+        };
+        let wait = snapshot.config.proxy.no_backend_wait;
+        tokio::time::sleep(unreached_pause(wait)).await;
+        let route_name = &snapshot.route_states[route].name;
+        let current = self.app.snapshots.load();
+        if let Some(index) = current.route_index(route_name) {
+            if let Some(pick) = current.route_states[index].pick(&[]) {
+                ctx.snapshot = Some(Arc::clone(&current));
+                ctx.route = Some(index);
+                return Ok(pick);
+            }
+        }
+        // No backend counts as healthy yet: try the last one again, which
+        // may be the one restarting.
+        match &ctx.current {
+            Some((pick, _)) => Ok(pick.clone()),
+            None => Err(Error::explain(
+                ErrorType::ConnectNoRoute,
+                "no backend left to try",
+            )),
+        }
+    }
+
     fn build_peer(&self, ctx: &RequestCtx, pick: &Pick, upgrade: bool) -> Box<HttpPeer> {
         let mut peer = HttpPeer::new(pick.address, false, String::new());
         if let (Some(snapshot), Some(route)) = (&ctx.snapshot, ctx.route) {
@@ -182,6 +242,19 @@ fn request_header_unsent(e: &Error) -> bool {
             .is_some_and(|c| c.as_str().contains("request header"))
 }
 
+/// Errors of the connect phase: the request never reached the backend.
+fn is_connect_error(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::BindError
+            | ErrorType::SocketError
+    )
+}
+
 fn peer_ip(session: &Session) -> Option<IpAddr> {
     match session.client_addr()? {
         PingoraAddr::Inet(addr) => Some(addr.ip()),
@@ -192,6 +265,26 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
 /// Extracts the request's host, lower-case and without port. Returns
 /// `None` when it is missing or not a valid `host[:port]` (RFC 9110
 /// section 7.2), so a value such as `a.test/../x` never reaches routing.
+/// Rewrites an absolute-form target to origin-form, because backends such
+/// as uvicorn route on the path only. Pingora has already refused a `Host`
+/// that differs from the target's authority (RFC 9112 section 3.2.2).
+fn to_origin_form(request: &mut RequestHeader) -> std::result::Result<(), &'static str> {
+    let Some((authority, origin)) = forwarding::split_absolute_form(request.raw_path()) else {
+        return Ok(());
+    };
+    let authority = match std::str::from_utf8(authority) {
+        Ok(text) if valid_authority(text) => text.to_string(),
+        _ => return Err("invalid host in the absolute-form request target\n"),
+    };
+    request
+        .set_raw_path(&origin)
+        .map_err(|_| "invalid absolute-form request target\n")?;
+    request
+        .insert_header(http::header::HOST, authority)
+        .map_err(|_| "invalid host in the absolute-form request target\n")?;
+    Ok(())
+}
+
 fn request_host(request: &RequestHeader) -> Option<String> {
     if let Some(host) = request.uri.host() {
         return Some(normalize_host(host));
@@ -247,6 +340,7 @@ impl ProxyHttp for Proxy {
             upstream_header_at: None,
             upstream_status: None,
             body_bytes: 0,
+            unreached_since: None,
         }
     }
 
@@ -277,6 +371,13 @@ impl ProxyHttp for Proxy {
                 );
                 let body = format!("{}\n", rejection.reason);
                 local::respond(session, ctx, rejection.status, &[], &body).await?;
+                return Ok(true);
+            }
+        }
+
+        if !session.is_http2() && session.req_header().raw_path().first() != Some(&b'/') {
+            if let Err(reason) = to_origin_form(session.req_header_mut()) {
+                local::respond(session, ctx, 400, &[], reason).await?;
                 return Ok(true);
             }
         }
@@ -396,17 +497,10 @@ impl ProxyHttp for Proxy {
                         ))
                     }
                 };
-                match snapshot.route_states[route].pick(&ctx.tried) {
-                    Some(pick) => pick,
-                    None => match &ctx.current {
-                        Some((pick, _)) => pick.clone(),
-                        None => {
-                            return Err(Error::explain(
-                                ErrorType::ConnectNoRoute,
-                                "no backend left to try",
-                            ))
-                        }
-                    },
+                let untried = snapshot.route_states[route].pick(&ctx.tried);
+                match untried {
+                    Some(pick) if !self.out_of_quick_retries(ctx) => pick,
+                    _ => self.pick_after_pause(ctx).await?,
                 }
             }
         };
@@ -459,12 +553,16 @@ impl ProxyHttp for Proxy {
         self.report(ctx, Outcome::Failure);
         // A failed connect never delivered a byte, so any method may be
         // retried on another backend.
-        let allowed = ctx
+        let unreached_since = *ctx.unreached_since.get_or_insert_with(Instant::now);
+        let wait = ctx
             .snapshot
             .as_ref()
-            .zip(ctx.route)
-            .map_or(0, |(s, r)| s.config.routes[r].retries);
-        let retry = ctx.attempts <= allowed;
+            .map_or(Duration::ZERO, |s| s.config.proxy.no_backend_wait);
+        // Pingora stops after `MAX_ATTEMPTS`; the pause spreads those over
+        // the wait.
+        let retry = !self.out_of_quick_retries(ctx)
+            || (unreached_since.elapsed() + unreached_pause(wait) <= wait
+                && ctx.attempts < MAX_ATTEMPTS);
         let route = ctx.route_name().unwrap_or("");
         let (pool, backend) = match &ctx.current {
             Some((pick, _)) => (pick.pool.name.as_str(), pick.address.to_string()),
@@ -478,13 +576,26 @@ impl ProxyHttp for Proxy {
         if retry {
             metrics.retries.with_label_values(&[route, "connect"]).inc();
         }
-        tracing::warn!(
-            request_id = %ctx.request_id,
-            backend = %peer,
-            error = %e,
-            retry,
-            "upstream connect failed"
-        );
+        // One warning per request; the paced attempts that follow while
+        // a backend restarts would otherwise log one each.
+        if ctx.attempts <= 1 {
+            tracing::warn!(
+                request_id = %ctx.request_id,
+                backend = %peer,
+                error = %e,
+                retry,
+                "upstream connect failed"
+            );
+        } else {
+            tracing::debug!(
+                request_id = %ctx.request_id,
+                backend = %peer,
+                error = %e,
+                attempt = ctx.attempts,
+                retry,
+                "upstream connect failed again"
+            );
+        }
         e.set_retry(retry);
         e
     }
@@ -501,6 +612,9 @@ impl ProxyHttp for Proxy {
             self.report(ctx, Outcome::Failure);
         }
         let never_sent = request_header_unsent(&e);
+        if !never_sent {
+            ctx.unreached_since = None;
+        }
         let mut e = e.more_context(format!("Peer: {peer}"));
         let route = ctx
             .snapshot
@@ -540,20 +654,64 @@ impl ProxyHttp for Proxy {
                 .retries
                 .with_label_values(&[ctx.route_name().unwrap_or(""), reason])
                 .inc();
+            tracing::warn!(
+                request_id = %ctx.request_id,
+                backend = %peer,
+                error = %e,
+                reason,
+                "request retried: it did not reach the backend, or is idempotent"
+            );
         }
         e
+    }
+
+    /// `fail_to_connect` and `error_while_proxy` log failed attempts with
+    /// the request id; Pingora's own line for a retry would repeat them.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        _error: &Error,
+        context: ProxyWarnLogContext,
+    ) -> bool {
+        matches!(context, ProxyWarnLogContext::UpstreamRetry)
     }
 
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if ctx.unreached_since.is_some() && is_connect_error(e) {
+            // No backend accepted a connection within `no_backend_wait`: the
+            // same answer as a route without a healthy backend.
+            let retry_after = ctx
+                .snapshot
+                .as_ref()
+                .map_or(1, |s| s.config.proxy.no_backend_wait.as_secs().max(1));
+            let sent = local::respond(
+                session,
+                ctx,
+                503,
+                &[("retry-after", retry_after.to_string())],
+                "no backend accepted the connection, retry later\n",
+            )
+            .await;
+            if let Err(err) = sent {
+                tracing::debug!(error = %err, "cannot send the error response to the client");
+            }
+            return FailToProxy {
+                error_code: 503,
+                can_reuse_downstream: false,
+            };
+        }
         // Pingora's default mapping, except that a client too slow with its
-        // body gets 408 rather than 400.
+        // body gets 408 rather than 400, and a backend that does not answer
+        // in time gives 504, as with nginx.
         let code = match (e.etype(), e.esource()) {
             (ErrorType::HTTPStatus(code), _) => *code,
+            (ErrorType::ReadTimedout, ErrorSource::Upstream) => 504,
             (_, ErrorSource::Upstream) => 502,
             (
                 ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
