@@ -242,6 +242,12 @@ fn request_header_unsent(e: &Error) -> bool {
             .is_some_and(|c| c.as_str().contains("request header"))
 }
 
+/// A duration in milliseconds with microsecond precision, which prints
+/// without binary noise (1.488, not 1.4882980000000001).
+fn millis(duration: Duration) -> f64 {
+    duration.as_micros() as f64 / 1000.0
+}
+
 /// Errors of the connect phase: the request never reached the backend.
 fn is_connect_error(e: &Error) -> bool {
     matches!(
@@ -665,6 +671,15 @@ impl ProxyHttp for Proxy {
         e
     }
 
+    /// The access event carries the error of a failed request, so Pingora's
+    /// own error line would log it twice; without the access log, Pingora's
+    /// line is the only record and stays.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+        ctx.snapshot
+            .as_ref()
+            .is_some_and(|s| s.config.log.access_log)
+    }
+
     /// `fail_to_connect` and `error_while_proxy` log failed attempts with
     /// the request id; Pingora's own line for a retry would repeat them.
     fn suppress_proxy_warn_log(
@@ -818,7 +833,7 @@ impl ProxyHttp for Proxy {
                 .map(|pick| pick.address.to_string())
                 .unwrap_or_default();
             let upstream_ms = match (ctx.upstream_started, ctx.upstream_header_at) {
-                (Some(start), Some(header)) => header.duration_since(start).as_secs_f64() * 1000.0,
+                (Some(start), Some(header)) => millis(header.duration_since(start)),
                 _ => 0.0,
             };
             // Webhook verification queries carry tokens, so the query string
@@ -839,7 +854,7 @@ impl ProxyHttp for Proxy {
                 pool,
                 backend = %backend,
                 upstream_ms,
-                total_ms = elapsed.as_secs_f64() * 1000.0,
+                total_ms = millis(elapsed),
                 bytes_in = session.body_bytes_read(),
                 bytes_out = session.body_bytes_sent(),
                 retries = ctx.attempts.saturating_sub(1),
