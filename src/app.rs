@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use crate::acme::AcmeManager;
-use crate::admin::AdminState;
+use crate::admin::{AdminState, CancelledShift};
 use crate::config::{Config, ConfigErrors};
 use crate::health::HealthRegistry;
 use crate::snapshot::{Overrides, Snapshot, SnapshotCell};
@@ -35,6 +35,9 @@ pub struct Reloaded {
     pub generation: u64,
     /// Settings that only take effect after a restart or binary upgrade.
     pub needs_restart: Vec<String>,
+    /// Shifts stopped because the reload removed their route or changed
+    /// its pools.
+    pub cancelled_shifts: Vec<CancelledShift>,
 }
 
 impl App {
@@ -90,7 +93,8 @@ impl App {
 
     /// Re-reads the config file and swaps it in atomically. An invalid file
     /// changes nothing and returns every error. Runtime overrides (weights,
-    /// drains) carry over where the new file still has their routes and pools.
+    /// drains) and shifts carry over where the new file still has their
+    /// routes and pools; other shifts are cancelled in the same swap.
     pub fn reload(&self) -> Result<Reloaded, ConfigErrors> {
         let config = Config::load(&self.config_path)?;
         let _writer = self.snapshots.lock_writer();
@@ -105,10 +109,13 @@ impl App {
         );
         let keys = next.health_keys();
         self.snapshots.store(next);
+        let published = self.snapshots.load();
+        let cancelled_shifts = self.admin.cancel_stale_shifts(&current, &published);
         self.registry.retain(&keys);
         Ok(Reloaded {
             generation,
             needs_restart,
+            cancelled_shifts,
         })
     }
 }

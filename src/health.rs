@@ -10,6 +10,9 @@
 //!   instead of returning 503 for a backend that is about to pass.
 //! - A backend that first appears in a later config starts `Unhealthy` and
 //!   needs `healthy_threshold` passes in a row.
+//! - A backend whose address stays but whose check changes in a later config
+//!   gets a new entry that starts from the old entry's state (see
+//!   [`HealthRegistry::entry`]) and is then probed with the new check.
 //! - A healthy backend turns unhealthy after `unhealthy_threshold` failures
 //!   in a row, and back after `healthy_threshold` passes in a row.
 //! - A backend of a pool without a health check is always healthy.
@@ -74,13 +77,15 @@ pub struct BackendHealth {
     state: AtomicU8,
     passes: AtomicU32,
     failures: AtomicU32,
-    in_flight: AtomicUsize,
+    /// Shared with the entry this one was carried over from, so requests
+    /// started under the old check still count while they finish.
+    in_flight: Arc<AtomicUsize>,
     last_error: Mutex<Option<String>>,
     outlier: Mutex<Outlier>,
 }
 
 /// Passive health bookkeeping of one backend.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Outlier {
     /// Live requests that failed in a row.
     consecutive_failures: u32,
@@ -119,9 +124,35 @@ impl BackendHealth {
             state: AtomicU8::new(state.to_u8()),
             passes: AtomicU32::new(0),
             failures: AtomicU32::new(0),
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             last_error: Mutex::new(None),
             outlier: Mutex::new(Outlier::default()),
+        }
+    }
+
+    /// Creates the entry of the same backend under a new check, starting
+    /// from `old`: its state, pass and failure counts, last error and
+    /// ejection. The in-flight count is shared with `old`. A backend
+    /// without a check (`checked` false) is always healthy instead.
+    fn carried_over(old: &BackendHealth, checked: bool) -> BackendHealth {
+        let state = if checked {
+            old.state()
+        } else {
+            HealthState::Healthy
+        };
+        BackendHealth {
+            address: old.address,
+            state: AtomicU8::new(state.to_u8()),
+            passes: AtomicU32::new(old.passes.load(Ordering::Relaxed)),
+            failures: AtomicU32::new(old.failures.load(Ordering::Relaxed)),
+            in_flight: Arc::clone(&old.in_flight),
+            last_error: Mutex::new(old.last_error()),
+            outlier: Mutex::new(
+                old.outlier
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            ),
         }
     }
 
@@ -311,17 +342,38 @@ impl HealthRegistry {
     }
 
     /// Returns the health of a backend under a check, creating it if new.
+    ///
+    /// A new key whose address already has an entry under another check
+    /// (a reload changed the pool's check) starts from that entry, or from
+    /// the least healthy one when there are several. A checked address seen
+    /// for the first time starts `Pending` before [`Self::mark_started`]
+    /// and `Unhealthy` after it.
     pub fn entry(&self, key: &HealthKey) -> Arc<BackendHealth> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = entries.get(key) {
             return Arc::clone(&entry.health);
         }
-        let state = match (&key.check, self.started.load(Ordering::Acquire)) {
-            (None, _) => HealthState::Healthy,
-            (Some(_), false) => HealthState::Pending,
-            (Some(_), true) => HealthState::Unhealthy,
+        let previous = entries
+            .iter()
+            .filter(|(other, _)| other.address == key.address)
+            .map(|(_, entry)| &entry.health)
+            .max_by_key(|health| match health.state() {
+                HealthState::Healthy => 0,
+                HealthState::Pending => 1,
+                HealthState::Unhealthy => 2,
+            });
+        let health = match previous {
+            Some(previous) => BackendHealth::carried_over(previous, key.check.is_some()),
+            None => {
+                let state = match (&key.check, self.started.load(Ordering::Acquire)) {
+                    (None, _) => HealthState::Healthy,
+                    (Some(_), false) => HealthState::Pending,
+                    (Some(_), true) => HealthState::Unhealthy,
+                };
+                BackendHealth::new(key.address, state)
+            }
         };
-        let health = Arc::new(BackendHealth::new(key.address, state));
+        let health = Arc::new(health);
         entries.insert(
             key.clone(),
             Entry {
@@ -565,6 +617,64 @@ mod tests {
         }
         assert_eq!(h.report(Outcome::Failure, &p, || false), Ejection::Capped);
         assert!(h.is_healthy());
+    }
+
+    #[test]
+    fn changed_check_carries_state_over() {
+        let registry = HealthRegistry::new();
+        registry.mark_started();
+        let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let before = registry.entry(&HealthKey {
+            address,
+            check: Some(check()),
+        });
+        // A backend added after start needs healthy_threshold (2) passes.
+        assert_eq!(before.observe(true, &check()), None);
+        assert_eq!(before.observe(true, &check()), Some(HealthState::Healthy));
+        let _in_flight = before.begin_request();
+
+        let slower = HealthCheck {
+            interval: Duration::from_secs(5),
+            ..check()
+        };
+        let after = registry.entry(&HealthKey {
+            address,
+            check: Some(slower),
+        });
+        assert!(!Arc::ptr_eq(&before, &after));
+        assert_eq!(after.state(), HealthState::Healthy);
+        assert_eq!(after.in_flight(), 1);
+
+        let newcomer = registry.entry(&HealthKey {
+            address: "127.0.0.1:2".parse().unwrap(),
+            check: Some(check()),
+        });
+        assert_eq!(newcomer.state(), HealthState::Unhealthy);
+    }
+
+    #[test]
+    fn changed_check_keeps_unhealthy_backend_out() {
+        let registry = HealthRegistry::new();
+        registry.mark_started();
+        let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let before = registry.entry(&HealthKey {
+            address,
+            check: Some(check()),
+        });
+        assert_eq!(before.state(), HealthState::Unhealthy);
+        let after = registry.entry(&HealthKey {
+            address,
+            check: Some(HealthCheck {
+                path: "/ready".into(),
+                ..check()
+            }),
+        });
+        assert_eq!(after.state(), HealthState::Unhealthy);
+        let unchecked = registry.entry(&HealthKey {
+            address,
+            check: None,
+        });
+        assert_eq!(unchecked.state(), HealthState::Healthy);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
 use crate::acme::{AcmeManager, AcmeOptions, CertificateStore, ChallengeKind, PrometheusObserver};
+use crate::admin::commands::Actor;
 use crate::app::{App, Reloaded};
 use crate::config::Config;
 use crate::config::ConfigErrors;
@@ -219,7 +220,7 @@ impl BackgroundService for Control {
                         None => std::future::pending().await,
                     }
                 } => {
-                    let _ = reload(&self.app, "SIGHUP");
+                    let _ = reload(&self.app, "SIGHUP", Actor::Signal);
                 }
             }
         }
@@ -228,9 +229,10 @@ impl BackgroundService for Control {
 
 /// Reloads the config file (SIGHUP and `ctl reload` both come here):
 /// rescans the certificate store, swaps the config, updates the ACME host
-/// list, counts and logs the outcome. An invalid file keeps the running
-/// config and returns its errors.
-pub fn reload(app: &App, trigger: &str) -> Result<Reloaded, ConfigErrors> {
+/// list, counts and logs the outcome. Each shift the reload cancelled is
+/// logged and audited with `actor` as its originator. An invalid file keeps
+/// the running config and returns its errors.
+pub fn reload(app: &App, trigger: &str, actor: Actor) -> Result<Reloaded, ConfigErrors> {
     if let Some(store) = app.cert_store() {
         for error in store.rescan().errors {
             tracing::error!(trigger, %error, "certificate not loaded");
@@ -253,6 +255,14 @@ pub fn reload(app: &App, trigger: &str) -> Result<Reloaded, ConfigErrors> {
             for key in &reloaded.needs_restart {
                 tracing::warn!(key = %key, "this setting changed but takes effect only after a restart or binary upgrade");
             }
+            // NOTE: a SIGHUP reload does not rewrite the state file, so the
+            // file keeps a cancelled shift until the next admin change. At
+            // start it is dropped again unless the file's pools match it.
+            crate::admin::commands::log_cancelled_shifts(
+                &reloaded.cancelled_shifts,
+                actor,
+                reloaded.generation,
+            );
         }
         Err(errors) => {
             metrics::global()

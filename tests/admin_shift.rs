@@ -204,3 +204,129 @@ async fn quiet_shift_holds_until_rollback() {
     let route = route_status(&mut admin).await;
     assert_eq!(route["weights"], json!({"blue":100,"green":0}));
 }
+
+/// Replaces the config body (everything from the `[proxy]` table on) and
+/// keeps the listener and admin tables the proxy started with.
+fn write_body(proxy: &ProxyProcess, body: &str) {
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let head = &text[..text.find("[proxy]").expect("a [proxy] table")];
+    proxy.write_raw_config(&format!("{head}{body}"));
+}
+
+/// Returns the audit lines of `command`, without terminal colour codes.
+fn audit_lines(proxy: &ProxyProcess, command: &str) -> Vec<String> {
+    proxy
+        .plain_logs()
+        .lines()
+        .filter(|l| {
+            l.contains("switchyard::audit") && l.contains(&format!("command=\"{command}\""))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Starts a shift on route `app` whose next step is an hour away, so only
+/// a reload can end it during the test.
+async fn start_slow_shift(admin: &mut AdminClient) {
+    let started = admin
+        .ok(json!({"cmd":"shift","route":"app","to":"green","step":10,"every":"1h"}))
+        .await;
+    assert_eq!(started["weights"], json!({"blue":90,"green":10}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_removing_pool_cancels_shift() {
+    let blue = TestBackend::start("blue").await;
+    let green = TestBackend::start("green").await;
+    let proxy = proxy_with(&blue, &green).await;
+    let mut admin = proxy.admin().await;
+    start_slow_shift(&mut admin).await;
+
+    let blue_only = format!(
+        "[proxy]\nno_backend_wait = \"500ms\"\n\n[[routes]]\nname = \"app\"\nhosts = [\"*\"]\npools = {{ blue = 100 }}\n\n[pools.blue]\nbackends = [\"{}\"]\n{FAST_HEALTH}\n",
+        blue.addr
+    );
+    write_body(&proxy, &blue_only);
+    proxy.signal(libc::SIGHUP);
+    assert!(
+        proxy
+            .wait_log("shift cancelled by a config reload", Duration::from_secs(5))
+            .await,
+        "{}",
+        proxy.logs()
+    );
+
+    let route = route_status(&mut admin).await;
+    assert!(route["shift"].is_null(), "{route}");
+    assert_eq!(
+        route["last_shift"],
+        json!("cancelled by a config reload: the route's pools changed in the config file")
+    );
+    assert_eq!(route["weights"], json!({"blue":100}));
+    assert_eq!(route["weights_from"], json!("config"));
+
+    let rollback = admin.request(json!({"cmd":"rollback","route":"app"})).await;
+    assert_eq!(rollback["code"], json!("conflict"), "{rollback}");
+    let weights = admin
+        .request(json!({"cmd":"weights","route":"app","weights":{"blue":50}}))
+        .await;
+    assert_eq!(weights["ok"], json!(true), "{weights}");
+
+    let audits = audit_lines(&proxy, "shift cancel");
+    assert_eq!(audits.len(), 1, "{audits:?}");
+    assert!(audits[0].contains("actor=\"SIGHUP\""), "{}", audits[0]);
+    assert!(audits[0].contains("subject=\"app\""), "{}", audits[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_reload_renaming_pools_cancels_shift() {
+    let blue = TestBackend::start("blue").await;
+    let green = TestBackend::start("green").await;
+    let proxy = proxy_with(&blue, &green).await;
+    let mut admin = proxy.admin().await;
+    start_slow_shift(&mut admin).await;
+
+    // A reload that keeps the route's pools keeps the shift.
+    let unchanged = admin.ok(json!({"cmd":"reload"})).await;
+    assert_eq!(unchanged["cancelled_shifts"], json!([]));
+    let route = route_status(&mut admin).await;
+    assert_eq!(route["shift"]["to"], json!("green"), "{route}");
+    assert_eq!(route["weights"], json!({"blue":90,"green":10}));
+
+    let renamed = blue_green(&[&blue], &[&green], (100, 0), FAST_HEALTH).replace("green", "canary");
+    write_body(&proxy, &renamed);
+    let reloaded = admin.ok(json!({"cmd":"reload"})).await;
+    assert_eq!(
+        reloaded["cancelled_shifts"],
+        json!([{
+            "route": "app",
+            "to": "green",
+            "reason": "cancelled by a config reload: the route's pools changed in the config file",
+        }])
+    );
+    assert_eq!(reloaded["dropped_runtime_weights"], json!(["app"]));
+
+    let route = route_status(&mut admin).await;
+    assert!(route["shift"].is_null(), "{route}");
+    assert_eq!(
+        route["last_shift"],
+        json!("cancelled by a config reload: the route's pools changed in the config file")
+    );
+    assert_eq!(route["weights"], json!({"blue":100,"canary":0}));
+    let state: Value = serde_json::from_slice(&std::fs::read(proxy.state_file()).unwrap()).unwrap();
+    assert_eq!(state["shifts"], json!({}));
+
+    assert!(
+        proxy
+            .wait_log("shift cancelled by a config reload", Duration::from_secs(2))
+            .await
+    );
+    let audits = audit_lines(&proxy, "shift cancel");
+    assert_eq!(audits.len(), 1, "{audits:?}");
+    assert!(
+        audits[0].contains("actor=\"admin socket\""),
+        "{}",
+        audits[0]
+    );
+    assert!(audits[0].contains("\"to\":\"green\""), "{}", audits[0]);
+}

@@ -259,3 +259,50 @@ async fn backend_added_by_reload_starts_unhealthy() {
         "a new backend got traffic before passing a check"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_change_keeps_pool_serving() {
+    let blue = TestBackend::start("blue").await;
+    let green = TestBackend::start("green").await;
+    let proxy = ProxyProcess::start(&blue_green(&[&blue], &[&green], (100, 0), FAST_HEALTH)).await;
+    assert_eq!(get(proxy.http, "a", "/").await.unwrap().status, 200);
+
+    // Only the interval changes. With the default healthy_threshold of 2,
+    // a backend that restarted as unhealthy would need a second probe 5 s
+    // later, so every request would wait no_backend_wait (500ms) and fail.
+    let slow_health = FAST_HEALTH.replace("interval = \"200ms\"", "interval = \"5s\"");
+    assert_ne!(slow_health, FAST_HEALTH);
+    let http = proxy.http;
+    let requests = tokio::spawn(async move {
+        let mut client = Client::connect(http).await.unwrap();
+        let mut results = Vec::new();
+        for _ in 0..150 {
+            let started = std::time::Instant::now();
+            let status = client.get("/").await.map(|reply| reply.status);
+            results.push((status, started.elapsed()));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        results
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.reload_with(&blue_green(&[&blue], &[&green], (100, 0), &slow_health));
+    assert!(
+        proxy
+            .wait_log("config reloaded", Duration::from_secs(5))
+            .await
+    );
+    let results = requests.await.unwrap();
+
+    let failed: Vec<_> = results.iter().filter(|(s, _)| *s != Ok(200)).collect();
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    let slowest = results.iter().map(|(_, d)| *d).max().unwrap();
+    assert!(
+        slowest < Duration::from_millis(250),
+        "a request waited {slowest:?}; no_backend_wait is 500ms"
+    );
+    let logs = proxy.plain_logs();
+    assert!(
+        !logs.contains("backend is unhealthy"),
+        "a backend turned unhealthy: {logs}"
+    );
+}

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use super::protocol::{AdminError, ErrorCode, LimitsRequest, Request};
 use super::shift::{self, ActiveShift, Limits, ShiftPlan, Verdict};
 use super::state;
+use super::CancelledShift;
 use crate::app::App;
 use crate::snapshot::{Overrides, Snapshot};
 
@@ -22,6 +23,8 @@ pub enum Actor {
     Client { uid: Option<u32>, pid: Option<i32> },
     /// The shift controller, acting on a window's measurements.
     ShiftController,
+    /// A SIGHUP config reload; the sender of the signal is unknown.
+    Signal,
 }
 
 /// Runs one request, counts it in `switchyard_admin_commands_total` and
@@ -202,6 +205,34 @@ fn audit(
             generation,
             "admin change"
         ),
+        Actor::Signal => tracing::info!(
+            target: "switchyard::audit",
+            command,
+            subject,
+            old = %old,
+            new = %new,
+            actor = "SIGHUP",
+            uid = -1i64,
+            pid = -1i64,
+            generation,
+            "admin change"
+        ),
+    }
+}
+
+/// Logs a warning and an audit event (command `shift cancel`) for each
+/// shift a config reload cancelled.
+pub fn log_cancelled_shifts(cancelled: &[CancelledShift], actor: Actor, generation: u64) {
+    for shift in cancelled {
+        tracing::warn!(route = %shift.route, to = %shift.plan.to, outcome = %shift.outcome, "shift cancelled by a config reload");
+        audit(
+            "shift cancel",
+            &shift.route,
+            &json!({ "weights": shift.weights_before, "shift": shift.plan.to_json() }),
+            &json!({ "weights": shift.weights_after, "reason": shift.outcome }),
+            actor,
+            Some(generation),
+        );
     }
 }
 
@@ -590,7 +621,7 @@ fn set_drained(
 
 fn reload(app: &App, actor: Actor) -> Result<Value, AdminError> {
     let before = app.snapshots.load();
-    let reloaded = crate::server::reload(app, "admin socket").map_err(|errors| {
+    let reloaded = crate::server::reload(app, "admin socket", actor).map_err(|errors| {
         let list: Vec<String> = errors.errors.iter().map(|e| e.to_string()).collect();
         AdminError::new(
             ErrorCode::ConfigInvalid,
@@ -642,6 +673,11 @@ fn reload(app: &App, actor: Actor) -> Result<Value, AdminError> {
         "generation": reloaded.generation,
         "needs_restart": reloaded.needs_restart,
         "dropped_runtime_weights": dropped,
+        "cancelled_shifts": reloaded
+            .cancelled_shifts
+            .iter()
+            .map(|shift| json!({ "route": shift.route, "to": shift.plan.to, "reason": shift.outcome }))
+            .collect::<Vec<_>>(),
         "state_file_written": persisted,
     }))
 }
@@ -684,12 +720,9 @@ fn shift_tick(app: &App, route: &str, controller: u64) -> bool {
     let window = active.window.take();
     active.pending.merge(&window);
 
-    let pools_match = current.route_index(route).is_some_and(|index| {
-        let weights = current.weights(index);
-        current.overrides.weights.contains_key(route)
-            && weights.keys().collect::<BTreeSet<_>>()
-                == active.plan.start_weights.keys().collect::<BTreeSet<_>>()
-    });
+    // A reload cancels such a shift at once (see `cancel_stale_shifts`),
+    // so this branch only guards against a snapshot published another way.
+    let pools_match = super::stale_shift_reason(&current, route, &active.plan).is_none();
     let Some(index) = current.route_index(route).filter(|_| pools_match) else {
         let message = "stopped: the route or its pools changed in the config file".to_string();
         if commit(app, &writer, &current, current.overrides.clone(), shifts).is_ok() {

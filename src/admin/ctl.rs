@@ -361,6 +361,9 @@ pub fn render(command: &CtlCommand, response: &Value) -> String {
             for route in response["dropped_runtime_weights"].as_array().into_iter().flatten() {
                 out.push_str(&format!("route {}: runtime weights dropped because its pools changed\n", text(route)));
             }
+            for shift in response["cancelled_shifts"].as_array().into_iter().flatten() {
+                out.push_str(&format!("route {}: shift toward {} {}\n", text(&shift["route"]), text(&shift["to"]), text(&shift["reason"])));
+            }
             out
         }
         CtlCommand::Certs => render_certs(&response["certificates"]),

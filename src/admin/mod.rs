@@ -27,6 +27,7 @@ use pingora::server::ShutdownWatch;
 use serde_json::Value;
 
 use crate::app::App;
+use crate::snapshot::Snapshot;
 use protocol::{AdminError, ErrorCode};
 use shift::{ActiveShift, ShiftPlan};
 use window::Outcomes;
@@ -53,6 +54,20 @@ pub struct AdminState {
     finished: Mutex<BTreeMap<String, String>>,
     startup: Mutex<Option<Startup>>,
     handing_over: AtomicBool,
+}
+
+/// A shift that a config reload cancelled because its route or pools
+/// changed, for the caller's warning and audit event.
+#[derive(Clone, Debug)]
+pub struct CancelledShift {
+    pub route: String,
+    pub plan: ShiftPlan,
+    /// The `last_shift` text that `status` shows for the route.
+    pub outcome: String,
+    /// The route's weights before the reload.
+    pub weights_before: BTreeMap<String, u32>,
+    /// The route's weights after the reload, or `None` when it is gone.
+    pub weights_after: Option<BTreeMap<String, u32>>,
 }
 
 /// The bound socket and mode that [`prepare`] leaves for [`start`].
@@ -99,8 +114,9 @@ impl AdminState {
     }
 
     /// Shift state per route for the `switchyard_shift_state` gauge:
-    /// 1 running, 2 holding, 3 rolled back, 4 completed. Routes without a
-    /// shift are left out (the gauge shows them as 0).
+    /// 1 running, 2 holding, 3 rolled back or stopped (also by a reload),
+    /// 4 completed. Routes without a shift are left out (the gauge shows
+    /// them as 0).
     pub fn shift_gauges(&self) -> BTreeMap<String, i64> {
         let mut gauges: BTreeMap<String, i64> = self
             .finished()
@@ -145,12 +161,63 @@ impl AdminState {
         self.outcomes.set(windows);
     }
 
+    /// Cancels the shifts that no longer fit `after`, the snapshot a reload
+    /// just published, and records their outcome for `status`. The caller
+    /// holds the snapshot writer lock. A cancelled shift's controller task
+    /// stops on its next tick because the shift is no longer installed.
+    pub fn cancel_stale_shifts(&self, before: &Snapshot, after: &Snapshot) -> Vec<CancelledShift> {
+        let mut shifts = self.shifts();
+        let mut cancelled = Vec::new();
+        shifts.retain(|route, active| {
+            let Some(reason) = stale_shift_reason(after, route, &active.plan) else {
+                return true;
+            };
+            let weights_before = before
+                .route_index(route)
+                .map(|index| before.weights(index))
+                .unwrap_or_default();
+            let weights_after = after.route_index(route).map(|index| after.weights(index));
+            cancelled.push(CancelledShift {
+                route: route.clone(),
+                plan: active.plan.clone(),
+                outcome: format!("cancelled by a config reload: {reason}"),
+                weights_before,
+                weights_after,
+            });
+            false
+        });
+        if cancelled.is_empty() {
+            return cancelled;
+        }
+        self.install_shifts(shifts);
+        for shift in &cancelled {
+            self.finish_shift(&shift.route, shift.outcome.clone());
+        }
+        cancelled
+    }
+
     fn finish_shift(&self, route: &str, outcome: String) {
         lock(&self.finished).insert(route.to_string(), outcome);
     }
 
     fn is_handing_over(&self) -> bool {
         self.handing_over.load(Ordering::SeqCst)
+    }
+}
+
+/// Returns why the shift `plan` on `route` cannot go on under `snapshot`,
+/// or `None` when it can: the route still exists, still has runtime
+/// weights, and has exactly the pools the shift started with.
+fn stale_shift_reason(snapshot: &Snapshot, route: &str, plan: &ShiftPlan) -> Option<&'static str> {
+    let Some(index) = snapshot.route_index(route) else {
+        return Some("the route is no longer in the config file");
+    };
+    let pools_match = snapshot.overrides.weights.contains_key(route)
+        && snapshot.weights(index).keys().eq(plan.start_weights.keys());
+    if pools_match {
+        None
+    } else {
+        Some("the route's pools changed in the config file")
     }
 }
 
