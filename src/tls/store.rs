@@ -145,6 +145,22 @@ impl CertStore {
         Ok(store)
     }
 
+    /// Loads the certificates in `dir` without creating the folder, for
+    /// `switchyard check`. A missing folder is not an error because `open`
+    /// creates it at startup, so it yields an empty report.
+    pub fn inspect(dir: &Path) -> (Vec<CertInfo>, ScanReport) {
+        if !dir.exists() {
+            return (Vec::new(), ScanReport::default());
+        }
+        let store = CertStore {
+            dir: dir.to_path_buf(),
+            map: ArcSwap::from_pointee(CertMap::default()),
+            writer: Mutex::new(()),
+        };
+        let report = store.rescan();
+        (store.certificates(), report)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
