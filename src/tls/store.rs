@@ -293,6 +293,11 @@ impl CertStore {
             .collect()
     }
 
+    /// Returns true when no certificate is loaded, so every handshake fails.
+    pub fn is_empty(&self) -> bool {
+        self.map.load().by_stem.is_empty()
+    }
+
     /// The certificate a client sending `host` as SNI gets, without the
     /// default fallback.
     pub fn lookup(&self, host: &str) -> Option<CertInfo> {
