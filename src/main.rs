@@ -44,7 +44,8 @@ enum Command {
         #[arg(long)]
         json_logs: bool,
     },
-    /// Validate a config file: print every error and exit 1, or a summary and exit 0.
+    /// Validate a config file: print every error and exit 1, or a summary
+    /// (after any certificate warnings) and exit 0.
     Check {
         #[arg(short, long)]
         config: PathBuf,
@@ -74,6 +75,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(config) => {
+                // Certificate problems are warnings and the exit status stays
+                // 0, because certificates may arrive after the proxy starts.
+                for warning in switchyard::tls::certificate_warnings(&config) {
+                    eprintln!("{}: warning: {warning}", config.source.display());
+                }
                 println!("{}", config.summary());
                 ExitCode::SUCCESS
             }

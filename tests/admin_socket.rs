@@ -485,6 +485,64 @@ async fn ctl_prints_and_exits_by_result() {
     assert_eq!(missing.status.code(), Some(2));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_works_with_broken_config() {
+    let (_blue, _green, proxy) = blue_green_proxy((100, 0)).await;
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("ctl")
+            .arg("-c")
+            .arg(&proxy.config_path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let original = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let file = proxy.config_path.display().to_string();
+
+    // A validation error: the TOML parses, but a pool is undefined.
+    let invalid = original.replacen("green = 0 }", "green = 0, purple = 1 }", 1);
+    assert_ne!(invalid, original);
+    proxy.write_raw_config(&invalid);
+    let status = ctl(&["status"]);
+    assert!(status.status.success(), "{status:?}");
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(stdout.contains("blue=100 green=0"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("warning: "), "{stderr}");
+    assert!(stderr.contains(&file), "{stderr}");
+    assert!(stderr.contains("switchyard check"), "{stderr}");
+
+    let set = ctl(&["weights", "app", "blue=0", "green=100"]);
+    assert!(set.status.success(), "{set:?}");
+    let stdout = String::from_utf8_lossy(&set.stdout);
+    assert!(
+        stdout.contains("blue=100 green=0 -> blue=0 green=100"),
+        "{stdout}"
+    );
+
+    // A TOML syntax error further down the file.
+    proxy.write_raw_config(&format!("{original}\n[[routes]\nname =\n"));
+    let status = ctl(&["--json", "status"]);
+    assert!(status.status.success(), "{status:?}");
+    let value: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(value["routes"][0]["weights"], json!({"blue":0,"green":100}));
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(stderr.contains("switchyard check"), "{stderr}");
+
+    let set = ctl(&["weights", "app", "blue=100", "green=0"]);
+    assert!(set.status.success(), "{set:?}");
+
+    // Without a readable admin.socket, ctl names the file and suggests -s.
+    proxy.write_raw_config("[admin\nsocket =\n");
+    let unreadable = ctl(&["status"]);
+    assert_eq!(unreadable.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&unreadable.stderr);
+    assert!(stderr.contains(&file), "{stderr}");
+    assert!(stderr.contains("-s SOCKET"), "{stderr}");
+}
+
 /// Removes terminal color sequences (`ESC [ ... m`) from log text.
 fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

@@ -182,3 +182,131 @@ fn missing_file_is_reported() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read the config file"));
 }
+
+/// Builds an HTTPS config with `store` and the lines in `tls` in its
+/// `[tls]` table, and the `acme` text appended.
+fn https_config(store: &std::path::Path, tls: &str, acme: &str) -> String {
+    format!(
+        "[listeners]\nhttp = \"127.0.0.1:8080\"\nhttps = \"127.0.0.1:8443\"\n\n\
+         [tls]\nstore = \"{}\"\n{tls}\n\n\
+         [[routes]]\nname = \"app\"\nhosts = [\"api.example.com\"]\npools = {{ blue = 100 }}\n\n\
+         [pools.blue]\nbackends = [\"127.0.0.1:8001\"]\n{acme}",
+        store.display()
+    )
+}
+
+const ACME: &str = "\n[acme]\ncontact = [\"mailto:ops@example.com\"]\n";
+
+fn warnings(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|line| line.contains(": warning: "))
+        .collect()
+}
+
+#[test]
+fn empty_store_warns_but_passes() {
+    let store = tempfile::tempdir().unwrap();
+    let missing = store.path().join("not-created-yet");
+    for dir in [store.path(), missing.as_path()] {
+        let (code, stdout, stderr) = check(&https_config(dir, "", ""));
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains("ok: 1 route(s)"), "{stdout}");
+        let lines = warnings(&stderr);
+        assert_eq!(lines.len(), 1, "{stderr}");
+        let line = lines[0];
+        assert!(
+            line.contains("switchyard.toml: warning: tls.store"),
+            "{line}"
+        );
+        assert!(line.contains(&dir.display().to_string()), "{line}");
+        assert!(line.contains("no loadable certificate"), "{line}");
+        assert!(line.contains("NAME.crt and NAME.key"), "{line}");
+        assert!(line.contains("[acme]"), "{line}");
+    }
+    assert!(!missing.exists(), "check created the store folder");
+}
+
+#[test]
+fn unloadable_pair_is_named() {
+    let store = tempfile::tempdir().unwrap();
+    switchyard::tls::generate_self_signed(store.path(), "a", &["api.example.com"]).unwrap();
+    std::fs::remove_file(store.path().join("a.key")).unwrap();
+    let (code, _stdout, stderr) = check(&https_config(store.path(), "", ""));
+    assert_eq!(code, 0, "{stderr}");
+    let lines = warnings(&stderr);
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(lines[0].contains("certificate not loaded"), "{stderr}");
+    assert!(lines[0].contains("a.key"), "{stderr}");
+    assert!(lines[1].contains("no loadable certificate"), "{stderr}");
+}
+
+#[test]
+fn missing_default_certificate_warns() {
+    let store = tempfile::tempdir().unwrap();
+    switchyard::tls::generate_self_signed(store.path(), "a", &["api.example.com"]).unwrap();
+    let tls = "default_certificate = \"fallback\"";
+    let (code, stdout, stderr) = check(&https_config(store.path(), tls, ""));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("ok: 1 route(s)"), "{stdout}");
+    let lines = warnings(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let line = lines[0];
+    assert!(line.contains("tls.default_certificate"), "{line}");
+    assert!(line.contains("\"fallback\""), "{line}");
+    assert!(line.contains(&store.path().display().to_string()), "{line}");
+    assert!(line.contains("fallback.crt and fallback.key"), "{line}");
+    assert!(line.contains("[acme]"), "{line}");
+
+    // With ACME on, the fix names the certificate ACME obtains.
+    let (code, _stdout, stderr) = check(&https_config(store.path(), tls, ACME));
+    assert_eq!(code, 0, "{stderr}");
+    let lines = warnings(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("\"acme_api.example.com\""), "{stderr}");
+}
+
+#[test]
+fn certificates_to_come_pass_quietly() {
+    let empty = tempfile::tempdir().unwrap();
+    let loaded = tempfile::tempdir().unwrap();
+    switchyard::tls::generate_self_signed(loaded.path(), "a", &["api.example.com"]).unwrap();
+    let cases: &[(&str, &std::path::Path, &str, &str)] = &[
+        ("ACME fills the empty store", empty.path(), "", ACME),
+        (
+            "ACME obtains the default",
+            empty.path(),
+            "default_certificate = \"acme_api.example.com\"",
+            ACME,
+        ),
+        (
+            "default is loaded",
+            loaded.path(),
+            "default_certificate = \"a\"",
+            "",
+        ),
+        ("one certificate, no default", loaded.path(), "", ""),
+    ];
+    for (name, store, tls, acme) in cases {
+        let (code, _stdout, stderr) = check(&https_config(store, tls, acme));
+        assert_eq!(code, 0, "case {name}: {stderr}");
+        assert!(warnings(&stderr).is_empty(), "case {name}: {stderr}");
+    }
+
+    // Without HTTPS the store is not used, so nothing is checked.
+    let (code, _stdout, stderr) = check(VALID);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(warnings(&stderr).is_empty(), "{stderr}");
+}
+
+#[test]
+fn acme_without_exact_hosts_warns() {
+    let store = tempfile::tempdir().unwrap();
+    let text = https_config(store.path(), "", ACME).replace("\"api.example.com\"", "\"*\"");
+    let (code, _stdout, stderr) = check(&text);
+    assert_eq!(code, 0, "{stderr}");
+    let lines = warnings(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("no loadable certificate"), "{stderr}");
+    assert!(lines[0].contains("exact host name"), "{stderr}");
+}

@@ -348,6 +348,47 @@ async fn readyz_reflects_health_rounds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_a_certificate() {
+    let backend = TestBackend::start("app").await;
+    let store = tempfile::tempdir().unwrap();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy = ProxyProcess::start_tls_rewritten(
+        "rescan_interval = \"200ms\"\n",
+        &single_route(&backend),
+        store.path(),
+        |text| text.replace("metrics = \"off\"", &format!("metrics = \"{metrics}\"")),
+    )
+    .await;
+
+    let empty = scrape(metrics, "/readyz").await;
+    assert_eq!(empty.status, 503);
+    let reason = empty.text();
+    assert!(reason.contains("contains no certificate"), "{reason}");
+    assert!(
+        reason.contains(&store.path().display().to_string()),
+        "{reason}"
+    );
+    assert!(reason.contains("NAME.crt and NAME.key"), "{reason}");
+    assert!(
+        Client::connect_tls(proxy.https(), "a.test").await.is_err(),
+        "a handshake succeeded with an empty store"
+    );
+
+    // The periodic rescan loads the new pair, and readiness follows.
+    let cert = TestCert::generate(&["a.test"]);
+    cert.write(store.path(), "a");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut last = scrape(metrics, "/readyz").await;
+    while last.status != 200 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        last = scrape(metrics, "/readyz").await;
+    }
+    assert_eq!(last.status, 200, "{}; log:\n{}", last.text(), proxy.logs());
+    let (_client, handshake) = Client::connect_tls(proxy.https(), "a.test").await.unwrap();
+    assert_eq!(handshake.serial, cert.serial);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_access_log_has_fields_and_no_secrets() {
     let blue = TestBackend::start("blue").await;
     let green = TestBackend::start("green").await;

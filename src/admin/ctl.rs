@@ -187,22 +187,130 @@ fn set_optional(request: &mut Value, key: &str, value: Option<Value>) {
     }
 }
 
+/// The admin socket ctl connects to, with a warning for the operator when
+/// the path came from a config file that does not validate.
+#[derive(Debug)]
+pub struct SocketChoice {
+    pub path: PathBuf,
+    pub warning: Option<String>,
+}
+
 /// Picks the socket path: `--socket`, else `admin.socket` of `--config`,
 /// else [`DEFAULT_SOCKET`].
-pub fn socket_path(args: &CtlArgs) -> Result<PathBuf, String> {
+///
+/// A config file with errors still yields its `admin.socket`, read on its
+/// own, because an operator who broke the file during an incident must
+/// still be able to run `status` or `rollback`. The result then carries a
+/// warning that points at `switchyard check`.
+pub fn socket_path(args: &CtlArgs) -> Result<SocketChoice, String> {
     if let Some(socket) = &args.socket {
-        return Ok(socket.clone());
+        return Ok(SocketChoice {
+            path: socket.clone(),
+            warning: None,
+        });
     }
-    let Some(config) = &args.config else {
-        return Ok(PathBuf::from(DEFAULT_SOCKET));
+    let Some(file) = &args.config else {
+        return Ok(SocketChoice {
+            path: PathBuf::from(DEFAULT_SOCKET),
+            warning: None,
+        });
     };
-    let config = Config::load(config).map_err(|e| e.to_string())?;
-    config.admin.socket.ok_or_else(|| {
+    let (socket, warning) = match Config::load(file) {
+        Ok(config) => (config.admin.socket, None),
+        Err(errors) => {
+            let socket = read_admin_socket(file)?;
+            let warning = format!(
+                "{}: the config has {} error(s), so only admin.socket was read from it; run `switchyard check -c {}` to list them",
+                file.display(),
+                errors.errors.len(),
+                file.display()
+            );
+            (socket, Some(warning))
+        }
+    };
+    let path = socket.ok_or_else(|| {
         format!(
-            "{} sets no admin.socket; add one, or pass --socket",
-            config.source.display()
+            "{} sets no admin.socket; add one, or pass the socket with -s SOCKET",
+            file.display()
         )
-    })
+    })?;
+    Ok(SocketChoice { path, warning })
+}
+
+/// Reads `[admin] socket` from a config file that does not validate,
+/// ignoring every other key. Returns `None` when the file sets no socket,
+/// which is the config default (no admin socket). A relative path is
+/// relative to the file's folder, as in a loaded config.
+fn read_admin_socket(file: &Path) -> Result<Option<PathBuf>, String> {
+    let text = std::fs::read_to_string(file).map_err(|err| {
+        format!(
+            "cannot read the config file {}: {err}; pass the admin socket with -s SOCKET",
+            file.display()
+        )
+    })?;
+    let socket = match text.parse::<toml::Table>() {
+        Ok(table) => match table.get("admin").and_then(|admin| admin.get("socket")) {
+            None => None,
+            Some(toml::Value::String(socket)) => Some(socket.clone()),
+            Some(other) => {
+                return Err(format!(
+                    "{}: admin.socket must be a string, not {other}; fix it, or pass the admin socket with -s SOCKET",
+                    file.display()
+                ))
+            }
+        },
+        Err(err) => Some(scan_admin_socket(&text).ok_or_else(|| {
+            format!(
+                "{}: cannot find admin.socket because the file is not valid TOML ({}); pass the admin socket with -s SOCKET",
+                file.display(),
+                err.message().trim()
+            )
+        })?),
+    };
+    let base = file.parent().unwrap_or(Path::new("."));
+    Ok(socket.map(|socket| base.join(socket)))
+}
+
+/// Finds the admin socket in text that is not valid TOML, line by line:
+/// `socket = VALUE` inside `[admin]`, or `admin.socket = VALUE` before the
+/// first table header, where VALUE is a one-line TOML string. Returns
+/// `None` unless exactly one such line is found.
+///
+/// NOTE: a `[admin]` line inside a multi-line string is taken for a table
+/// header. A wrong path only makes the connection fail with that path in
+/// the error message.
+fn scan_admin_socket(text: &str) -> Option<String> {
+    let mut table: Option<&str> = None;
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            let header = header.split('#').next().unwrap_or("").trim_end();
+            table = Some(header.strip_suffix(']').unwrap_or(header).trim());
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        let is_socket = match table {
+            Some(table) => table == "admin" && key == "socket",
+            None => key == "admin.socket",
+        };
+        if !is_socket {
+            continue;
+        }
+        // Parsing `value = VALUE` on its own handles quoting, escapes and a
+        // trailing comment the way a TOML reader does.
+        let parsed = format!("value = {value}").parse::<toml::Table>().ok();
+        if let Some(toml::Value::String(socket)) = parsed.and_then(|t| t.get("value").cloned()) {
+            found.push(socket);
+        }
+    }
+    match found.as_slice() {
+        [socket] => Some(socket.clone()),
+        _ => None,
+    }
 }
 
 /// Sends one request and returns the response object.
@@ -244,7 +352,12 @@ pub fn run(args: CtlArgs) -> ExitCode {
         }
     };
     let socket = match socket_path(&args) {
-        Ok(socket) => socket,
+        Ok(choice) => {
+            if let Some(warning) = &choice.warning {
+                eprintln!("warning: {warning}");
+            }
+            choice.path
+        }
         Err(message) => {
             eprintln!("error: {message}");
             return ExitCode::from(2);
@@ -493,6 +606,50 @@ mod tests {
             force: false,
         };
         assert!(request(&bad).unwrap_err().contains("\"green\""));
+    }
+
+    #[test]
+    fn scan_finds_admin_socket_in_broken_toml() {
+        let cases: &[(&str, Option<&str>)] = &[
+            (
+                "[admin]\nsocket = \"/run/a.sock\" # comment\n[[routes]\n",
+                Some("/run/a.sock"),
+            ),
+            ("admin.socket = 'a.sock'\nbroken =\n", Some("a.sock")),
+            ("[log]\nsocket = \"x.sock\"\nbroken =\n", None),
+            ("[admin]\nmetrics = \"off\"\nbroken =\n", None),
+            ("[admin]\nsocket = \"a.sock\"\nsocket = \"b.sock\"\n", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(
+                scan_admin_socket(text).as_deref(),
+                *expected,
+                "text: {text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn admin_socket_read_from_invalid_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("switchyard.toml");
+        std::fs::write(&file, "[admin]\nsocket = \"admin.sock\"\nsocket_mode = 7\n").unwrap();
+        assert_eq!(
+            read_admin_socket(&file).unwrap(),
+            Some(dir.path().join("admin.sock"))
+        );
+
+        std::fs::write(&file, "[admin]\nmetrics = \"off\"\n[[routes]]\n").unwrap();
+        assert_eq!(read_admin_socket(&file).unwrap(), None);
+
+        std::fs::write(&file, "[admin]\nsocket = 5\n").unwrap();
+        let error = read_admin_socket(&file).unwrap_err();
+        assert!(error.contains("-s SOCKET"), "{error}");
+
+        std::fs::write(&file, "[admin\nsocket = \n").unwrap();
+        let error = read_admin_socket(&file).unwrap_err();
+        assert!(error.contains("switchyard.toml"), "{error}");
+        assert!(error.contains("-s SOCKET"), "{error}");
     }
 
     #[test]

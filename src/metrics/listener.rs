@@ -103,9 +103,11 @@ async fn answer(app: &App, request: Request<hyper::body::Incoming>) -> Response<
     }
 }
 
-/// Ready means: the proxy's listeners accept connections, the first round
-/// of health checks is over, and at least one route has a healthy backend
-/// in a pool with a weight above 0.
+/// Returns an error with the reason unless all of these hold:
+/// - the proxy's listeners accept connections,
+/// - with HTTPS on, the certificate store contains at least one certificate,
+/// - the first round of health checks is over,
+/// - at least one route has a healthy backend in a pool with a weight above 0.
 pub async fn readiness(app: &App) -> Result<(), String> {
     let snapshot = app.snapshots.load();
     let listeners = &snapshot.config.listeners;
@@ -118,6 +120,9 @@ pub async fn readiness(app: &App) -> Result<(), String> {
                 "listener {address} does not accept connections yet"
             ));
         }
+    }
+    if listeners.https.is_some() {
+        check_certificate_store(app)?;
     }
     let pending = snapshot
         .pools
@@ -137,6 +142,27 @@ pub async fn readiness(app: &App) -> Result<(), String> {
         return Err("no route has a healthy backend".to_string());
     }
     Ok(())
+}
+
+/// Returns an error while the store has no certificate at all, because
+/// every HTTPS handshake fails then. One certificate is enough, because a
+/// name it does not cover is a problem of that name alone.
+fn check_certificate_store(app: &App) -> Result<(), String> {
+    let Some(store) = app.cert_store() else {
+        return Ok(());
+    };
+    if !store.is_empty() {
+        return Ok(());
+    }
+    let dir = store.dir().display();
+    Err(match app.acme() {
+        Some(_) => format!(
+            "the certificate store {dir} contains no certificate yet, and ACME has not obtained one"
+        ),
+        None => format!(
+            "the certificate store {dir} contains no certificate, so every HTTPS handshake fails; put NAME.crt and NAME.key in it"
+        ),
+    })
 }
 
 /// A wildcard listen address is reached through loopback.

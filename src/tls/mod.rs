@@ -6,6 +6,7 @@
 //! An unknown name gets the default unless `unknown_sni = "reject"`, which
 //! aborts the handshake; a client without SNI always gets the default.
 
+mod check;
 mod store;
 
 use std::fmt;
@@ -15,6 +16,7 @@ use pingora::listeners::tls::TlsSettings;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+pub use check::certificate_warnings;
 pub use store::{
     generate_self_signed, write_atomically, CertInfo, CertStore, ScanReport, TlsError,
 };

@@ -145,6 +145,22 @@ impl CertStore {
         Ok(store)
     }
 
+    /// Loads the certificates in `dir` without creating the folder, for
+    /// `switchyard check`. A missing folder is not an error because `open`
+    /// creates it at startup, so it yields an empty report.
+    pub fn inspect(dir: &Path) -> (Vec<CertInfo>, ScanReport) {
+        if !dir.exists() {
+            return (Vec::new(), ScanReport::default());
+        }
+        let store = CertStore {
+            dir: dir.to_path_buf(),
+            map: ArcSwap::from_pointee(CertMap::default()),
+            writer: Mutex::new(()),
+        };
+        let report = store.rescan();
+        (store.certificates(), report)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -275,6 +291,11 @@ impl CertStore {
             .values()
             .map(|l| l.info.clone())
             .collect()
+    }
+
+    /// Returns true when no certificate is loaded, so every handshake fails.
+    pub fn is_empty(&self) -> bool {
+        self.map.load().by_stem.is_empty()
     }
 
     /// The certificate a client sending `host` as SNI gets, without the

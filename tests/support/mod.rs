@@ -396,6 +396,19 @@ impl ProxyProcess {
         ProxyProcess::launch(http, Some(tls_keys), body, |text| text).await
     }
 
+    /// Like [`ProxyProcess::start_tls`], with `rewrite` applied to the whole
+    /// config text first (for example to turn the metrics listener on).
+    pub async fn start_tls_rewritten(
+        tls_keys: &str,
+        body: &str,
+        certs_dir: &Path,
+        rewrite: impl FnOnce(String) -> String,
+    ) -> ProxyProcess {
+        let tls_keys = format!("store = \"{}\"\n{tls_keys}", certs_dir.display());
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        ProxyProcess::launch(http, Some(tls_keys), body, rewrite).await
+    }
+
     /// Like [`ProxyProcess::start`], with `rewrite` applied to the whole
     /// config text first (for example to turn the metrics listener on).
     pub async fn start_rewritten(
