@@ -29,6 +29,29 @@ impl Collector<'_> {
             + 1
     }
 
+    /// The key written on the line holding `offset`, with the table above it
+    /// (`listeners.threads`), for TOML errors that carry only a position. An
+    /// inline table gives its own key (`health` in `health = { … }`).
+    fn key_at(&self, offset: usize) -> String {
+        let end = offset.min(self.text.len());
+        let start = self.text[..end].rfind('\n').map_or(0, |i| i + 1);
+        let line = self.text[start..].lines().next().unwrap_or("");
+        let Some((key, _)) = line.split_once('=') else {
+            return String::new();
+        };
+        let key = key.trim().trim_matches('"');
+        let table = self.text[..start]
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+        match table {
+            Some(table) if !table.is_empty() => format!("{table}.{key}"),
+            _ => key.to_string(),
+        }
+    }
+
     fn error(&mut self, line: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
         self.errors.push(ConfigError {
             line,
@@ -47,13 +70,17 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
         Ok(raw) => raw,
         Err(err) => {
             let line = err.span().map(|span| c.line_of(span.start));
+            let key = err
+                .span()
+                .map(|span| c.key_at(span.start))
+                .unwrap_or_default();
             // The TOML reader gives some errors (such as `key =` with no
             // value) an empty message; say what is wrong in that case.
             let message = match err.message().trim() {
                 "" => "invalid TOML: a value is missing or malformed here".to_string(),
                 text => text.to_string(),
             };
-            c.error(line, "", message);
+            c.error(line, key, message);
             return Err(c.errors);
         }
     };
@@ -987,6 +1014,15 @@ mod tests {
     fn toml_error_always_has_a_message() {
         let errors = parse("A=", Path::new("/x.toml")).unwrap_err();
         assert!(errors.iter().all(|e| !e.message.is_empty()), "{errors:?}");
+    }
+
+    #[test]
+    fn type_error_names_its_key() {
+        let text = "[listeners]\nhttp = \"127.0.0.1:8080\"\nthreads = \"2\"\n";
+        let errors = parse(text, Path::new("/x.toml")).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "listeners.threads");
+        assert_eq!(errors[0].line, Some(3));
     }
 
     #[test]
