@@ -38,6 +38,8 @@ pub struct Reloaded {
     /// Shifts stopped because the reload removed their route or changed
     /// its pools.
     pub cancelled_shifts: Vec<CancelledShift>,
+    /// False when the state file could not be rewritten after the reload.
+    pub state_file_written: bool,
 }
 
 impl App {
@@ -116,6 +118,7 @@ impl App {
             generation,
             needs_restart,
             cancelled_shifts,
+            state_file_written: true,
         })
     }
 }

@@ -238,8 +238,8 @@ pub fn reload(app: &App, trigger: &str, actor: Actor) -> Result<Reloaded, Config
             tracing::error!(trigger, %error, "certificate not loaded");
         }
     }
-    let result = app.reload();
-    match &result {
+    let mut result = app.reload();
+    match &mut result {
         Ok(reloaded) => {
             metrics::global()
                 .config_reloads
@@ -255,9 +255,9 @@ pub fn reload(app: &App, trigger: &str, actor: Actor) -> Result<Reloaded, Config
             for key in &reloaded.needs_restart {
                 tracing::warn!(key = %key, "this setting changed but takes effect only after a restart or binary upgrade");
             }
-            // NOTE: a SIGHUP reload does not rewrite the state file, so the
-            // file keeps a cancelled shift until the next admin change. At
-            // start it is dropped again unless the file's pools match it.
+            // The state file must forget what the reload dropped or
+            // cancelled, or a restart would bring it back.
+            reloaded.state_file_written = crate::admin::commands::persist_after_reload(app);
             crate::admin::commands::log_cancelled_shifts(
                 &reloaded.cancelled_shifts,
                 actor,

@@ -264,6 +264,10 @@ async fn sighup_removing_pool_cancels_shift() {
     );
     assert_eq!(route["weights"], json!({"blue":100}));
     assert_eq!(route["weights_from"], json!("config"));
+    // The SIGHUP reload rewrote the state file, so a restart cannot bring
+    // the cancelled shift back.
+    let state: Value = serde_json::from_slice(&std::fs::read(proxy.state_file()).unwrap()).unwrap();
+    assert_eq!(state["shifts"], json!({}), "{state}");
 
     let rollback = admin.request(json!({"cmd":"rollback","route":"app"})).await;
     assert_eq!(rollback["code"], json!("conflict"), "{rollback}");

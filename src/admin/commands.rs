@@ -634,7 +634,6 @@ fn reload(app: &App, actor: Actor) -> Result<Value, AdminError> {
         )
         .with("errors", json!(list))
     })?;
-    let writer = app.snapshots.lock_writer();
     let current = app.snapshots.load();
     let dropped: Vec<&String> = before
         .overrides
@@ -642,25 +641,7 @@ fn reload(app: &App, actor: Actor) -> Result<Value, AdminError> {
         .keys()
         .filter(|route| !current.overrides.weights.contains_key(*route))
         .collect();
-    let mut persisted = true;
-    if let Some(path) = &current.config.admin.state_file {
-        let plans = app
-            .admin
-            .shifts()
-            .into_iter()
-            .map(|(route, shift)| (route, shift.plan))
-            .collect();
-        if let Err(err) = state::write(path, &current.overrides, &plans, current.generation) {
-            // The reload itself succeeded. The file still contains the runtime
-            // state, and routes whose pools changed are dropped again at start.
-            tracing::error!(state_file = %path.display(), error = %err, "cannot write the state file after a reload");
-            persisted = false;
-        }
-    }
-    drop(writer);
-    for key in &reloaded.needs_restart {
-        tracing::warn!(key = %key, "this setting changed but takes effect only after a restart or binary upgrade");
-    }
+    let persisted = reloaded.state_file_written;
     audit(
         "reload",
         &current.config.source.display().to_string(),
@@ -680,6 +661,33 @@ fn reload(app: &App, actor: Actor) -> Result<Value, AdminError> {
             .collect::<Vec<_>>(),
         "state_file_written": persisted,
     }))
+}
+
+/// Rewrites the state file after a config reload, so that it drops the
+/// weights and shifts the reload dropped or cancelled; false when the file
+/// could not be written. Without a state file there is nothing to write.
+pub fn persist_after_reload(app: &App) -> bool {
+    let _writer = app.snapshots.lock_writer();
+    let current = app.snapshots.load();
+    let Some(path) = &current.config.admin.state_file else {
+        return true;
+    };
+    let plans = app
+        .admin
+        .shifts()
+        .into_iter()
+        .map(|(route, shift)| (route, shift.plan))
+        .collect();
+    match state::write(path, &current.overrides, &plans, current.generation) {
+        Ok(()) => true,
+        Err(err) => {
+            // The reload itself succeeded. The file still holds the old
+            // runtime state, and routes whose pools changed are dropped
+            // again at start.
+            tracing::error!(state_file = %path.display(), error = %err, "cannot write the state file after a reload");
+            false
+        }
+    }
 }
 
 /// Starts the controller task of a shift on the current runtime; it runs
