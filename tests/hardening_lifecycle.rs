@@ -133,3 +133,34 @@ async fn binary_upgrade_under_load_fails_nothing() {
     );
     assert_eq!(get(old.http, "a", "/").await.unwrap().status, 200);
 }
+
+/// During a binary upgrade the new process serves `/readyz` while the old
+/// one, which keeps the metrics address for its grace period, still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_process_answers_readyz_during_an_upgrade() {
+    let backend = TestBackend::start("blue").await;
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let body = format!(
+        "[[routes]]\nname = \"app\"\nhosts = [\"*\"]\npools = {{ blue = 1 }}\n\n[pools.blue]\nbackends = [\"{}\"]\n",
+        backend.addr
+    );
+    let mut old = ProxyProcess::start_rewritten(&body, |text| {
+        text.replace("metrics = \"off\"", &format!("metrics = \"{metrics}\""))
+    })
+    .await;
+    let new = old.spawn_upgrade();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    old.signal(libc::SIGQUIT);
+    let started = eventually(Duration::from_secs(3), || {
+        new.logs().contains("metrics listener started")
+    })
+    .await;
+    let old_running = old.wait_exit(Duration::from_millis(1)).await.is_none();
+    assert!(started, "new process log:\n{}", new.logs());
+    assert!(
+        old_running,
+        "the old process exited before the new one bound the metrics address"
+    );
+    let exited = old.wait_exit(Duration::from_secs(15)).await;
+    assert!(exited.is_some(), "the old process did not exit");
+}

@@ -14,17 +14,32 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::app::App;
 use crate::health::HealthState;
 
-/// Binds `address` and serves until the process exits. While another
-/// process holds the address (the old binary during an upgrade), binding
-/// is retried every second.
+/// A listening socket on `address` that another process of the same user
+/// with `SO_REUSEPORT` may share; the kernel spreads connections over both.
+fn bind_shared(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(address)?;
+    socket.listen(1024)
+}
+
+/// Binds `address` and serves until the process exits. The socket has
+/// `SO_REUSEPORT`, so that during a binary upgrade the new process answers
+/// `/readyz` at once while the old one, which set it too, still holds the
+/// address. Any other bind error is retried every second.
 pub async fn serve(app: Arc<App>, address: SocketAddr) {
     let listener = loop {
-        match TcpListener::bind(address).await {
+        match bind_shared(address) {
             Ok(listener) => break listener,
             Err(err) => {
                 tracing::warn!(%address, error = %err, "cannot bind the metrics listener; retrying in 1 s");
