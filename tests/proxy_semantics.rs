@@ -235,6 +235,11 @@ async fn absolute_form_target_reaches_the_backend_in_origin_form() {
     assert_eq!(seen[0].header("host").as_deref(), Some("hooks.example"));
     assert_eq!(seen[0].body, b"{}");
 
+    let other_scheme =
+        "GET ftp://hooks.example/x HTTP/1.1\r\nHost: hooks.example\r\nConnection: close\r\n\r\n";
+    let response = raw_exchange(proxy.http, other_scheme.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+
     let mismatch =
         "GET http://hooks.example/x HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n";
     let response = raw_exchange(proxy.http, mismatch.as_bytes(), Duration::from_secs(5)).await;
@@ -247,5 +252,67 @@ async fn absolute_form_target_reaches_the_backend_in_origin_form() {
         blue.requests().len(),
         1,
         "the raw target reached the backend"
+    );
+}
+
+/// A request that arrives while the one before it is still at the backend
+/// waits for it: both are answered in order, each reaches the backend
+/// once, and the first is not failed because the second came early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_pipelined_during_a_slow_one_is_served_after_it() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = Arc::clone(&seen);
+    let backend = RawBackend::start(move |mut stream, _| {
+        let log = Arc::clone(&log);
+        async move {
+            while let Some((head, _)) = read_request(&mut stream).await {
+                let line = head.lines().next().unwrap_or("").to_string();
+                if line.starts_with("POST") {
+                    log.lock().unwrap().push(line.clone());
+                }
+                if line.contains("/slow") {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+                let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
+                    path.len()
+                );
+                if stream.write_all(response.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = ProxyProcess::start(&format!(
+        "[[routes]]\nname = \"app\"\nhosts = [\"*\"]\npools = {{ blue = 1 }}\n\n[pools.blue]\nbackends = [\"{}\"]\n",
+        backend.addr
+    ))
+    .await;
+
+    let mut client = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    client
+        .write_all(b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client
+        .write_all(
+            b"POST /next HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut out)).await;
+    let response = String::from_utf8_lossy(&out);
+    assert_eq!(response.matches("HTTP/1.1 200").count(), 2, "{response}");
+    let (slow, next) = (response.find("/slow"), response.find("/next"));
+    assert!(slow.is_some() && slow < next, "{response}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec!["POST /slow HTTP/1.1", "POST /next HTTP/1.1"]
     );
 }

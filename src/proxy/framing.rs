@@ -98,6 +98,9 @@ pub enum BodyFraming {
     Length(u64),
     /// A chunked body, whose end only a chunk parser finds.
     Chunked,
+    /// A request to switch protocols (`Upgrade`): after the response, the
+    /// connection may carry anything.
+    Upgrade,
 }
 
 /// Checks one complete request header (request line through the blank
@@ -152,6 +155,7 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<BodyFraming, Rejecti
     let mut codings: Vec<String> = Vec::new();
     let mut has_transfer_encoding = false;
     let mut hosts = 0;
+    let mut upgrade = false;
     for field in request.headers.iter() {
         if field.name.eq_ignore_ascii_case("content-length") {
             lengths.extend(field.value.split(|b| *b == b','));
@@ -161,6 +165,8 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<BodyFraming, Rejecti
             codings.extend(value.split(',').map(|c| c.trim().to_string()));
         } else if field.name.eq_ignore_ascii_case("host") {
             hosts += 1;
+        } else if field.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
         }
     }
 
@@ -208,6 +214,9 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<BodyFraming, Rejecti
             _ => declared = Some(length),
         }
     }
+    if upgrade {
+        return Ok(BodyFraming::Upgrade);
+    }
     if has_transfer_encoding {
         return Ok(BodyFraming::Chunked);
     }
@@ -224,22 +233,37 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<BodyFraming, Rejecti
 }
 
 /// Applies the header size and count limits to an HTTP/2 request, whose
-/// framing the h2 codec has already checked. The size counts each field as
-/// HTTP/1.1 would send it (`name: value` and CRLF) plus the request line,
-/// so one limit means the same over both protocols.
+/// framing the h2 codec has already checked. Fields are counted and sized
+/// as the HTTP/1.1 form of the request would carry them, so one limit means
+/// the same over both protocols: `:authority` as a `Host` field, the
+/// cookie crumbs of RFC 9113 section 8.2.3 as one `Cookie` field joined
+/// with `; `, each field as `name: value` and CRLF, plus the request line.
 pub fn inspect_http2_head(header: &RequestHeader, limits: &Limits) -> Result<(), Rejection> {
-    if header.headers.len() > limits.max_header_count {
+    let mut count = 0;
+    let mut bytes = 0;
+    let mut cookies = 0;
+    for (name, value) in header.headers.iter() {
+        if name == http::header::COOKIE {
+            cookies += 1;
+            bytes += value.len() + if cookies == 1 { 10 } else { 2 };
+        } else {
+            count += 1;
+            bytes += name.as_str().len() + value.len() + 4;
+        }
+    }
+    count += usize::from(cookies > 0);
+    if let Some(authority) = header.uri.authority() {
+        if !header.headers.contains_key(http::header::HOST) {
+            count += 1;
+            bytes += authority.as_str().len() + 8;
+        }
+    }
+    if count > limits.max_header_count {
         return Err(Rejection::too_many_headers(limits.max_header_count));
     }
     let target = header.uri.path_and_query().map_or(1, |p| p.as_str().len());
-    let authority = header.uri.authority().map_or(0, |a| a.as_str().len());
-    let request_line = header.method.as_str().len() + target + authority + 12;
-    let fields: usize = header
-        .headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    if request_line + fields > limits.max_header_bytes {
+    bytes += header.method.as_str().len() + target + 12;
+    if bytes > limits.max_header_bytes {
         return Err(Rejection::header_too_large(limits.max_header_bytes));
     }
     Ok(())
@@ -296,6 +320,29 @@ mod tests {
         );
         let huge = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n";
         assert_eq!(framing(huge).map_err(|r| r.status), Err(400));
+    }
+
+    #[test]
+    fn http2_cookie_crumbs_count_as_one_field() {
+        let limits = Limits {
+            max_header_count: 5,
+            ..Limits::default()
+        };
+        let mut header = RequestHeader::build("GET", b"/", None).unwrap();
+        header.set_uri("https://a.test/".parse().unwrap());
+        for i in 0..120 {
+            header.append_header("cookie", format!("c{i}=v")).unwrap();
+        }
+        header.append_header("accept", "*/*").unwrap();
+        // Host (from :authority), Cookie and Accept: three fields.
+        assert_eq!(inspect_http2_head(&header, &limits), Ok(()));
+        for i in 0..3 {
+            header.append_header(format!("x-{i}"), "v").unwrap();
+        }
+        assert_eq!(
+            inspect_http2_head(&header, &limits).map_err(|r| r.status),
+            Err(431)
+        );
     }
 
     #[test]
