@@ -113,8 +113,10 @@ pub enum Ejection {
     None,
     /// The backend is ejected for this long.
     Ejected(Duration),
-    /// The threshold was reached but the pool's ejection cap held it back.
-    Capped,
+    /// The threshold was reached but the pool's ejection cap held it back;
+    /// `first` on the failure that reached it, so the caller can log the
+    /// streak once rather than on every failure that follows.
+    Capped { first: bool },
 }
 
 impl BackendHealth {
@@ -205,7 +207,9 @@ impl BackendHealth {
                 let allowed = may_eject();
                 let mut outlier = self.outlier.lock().unwrap_or_else(|e| e.into_inner());
                 if !allowed {
-                    return Ejection::Capped;
+                    return Ejection::Capped {
+                        first: outlier.consecutive_failures == passive.consecutive_failures,
+                    };
                 }
                 if outlier.ejected_until.is_some_and(|until| until > now) {
                     return Ejection::None;
@@ -615,7 +619,14 @@ mod tests {
         for _ in 0..2 {
             h.report(Outcome::Failure, &p, || false);
         }
-        assert_eq!(h.report(Outcome::Failure, &p, || false), Ejection::Capped);
+        assert_eq!(
+            h.report(Outcome::Failure, &p, || false),
+            Ejection::Capped { first: true }
+        );
+        assert_eq!(
+            h.report(Outcome::Failure, &p, || false),
+            Ejection::Capped { first: false }
+        );
         assert!(h.is_healthy());
     }
 

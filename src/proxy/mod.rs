@@ -149,7 +149,7 @@ impl Proxy {
             ejected < cap
         };
         match pick.health.report(outcome, passive, may_eject) {
-            Ejection::None => {}
+            Ejection::None | Ejection::Capped { first: false } => {}
             Ejection::Ejected(duration) => tracing::warn!(
                 request_id = %ctx.request_id,
                 pool = %pick.pool.name,
@@ -157,7 +157,7 @@ impl Proxy {
                 ejection_ms = duration.as_millis() as u64,
                 "backend ejected by passive health"
             ),
-            Ejection::Capped => tracing::warn!(
+            Ejection::Capped { first: true } => tracing::warn!(
                 request_id = %ctx.request_id,
                 pool = %pick.pool.name,
                 backend = %pick.address,
@@ -268,15 +268,17 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
     }
 }
 
-/// Extracts the request's host, lower-case and without port. Returns
-/// `None` when it is missing or not a valid `host[:port]` (RFC 9110
-/// section 7.2), so a value such as `a.test/../x` never reaches routing.
 /// Rewrites an absolute-form target to origin-form, because backends such
 /// as uvicorn route on the path only. Pingora has already refused a `Host`
 /// that differs from the target's authority (RFC 9112 section 3.2.2).
 fn to_origin_form(request: &mut RequestHeader) -> std::result::Result<(), &'static str> {
     let Some((authority, origin)) = forwarding::split_absolute_form(request.raw_path()) else {
-        return Ok(());
+        if request.raw_path() == b"*" {
+            return Ok(());
+        }
+        // Another scheme, or a CONNECT target: this is not a forward proxy,
+        // and the router would see a path the backend does not.
+        return Err("the request target must be a path or an http:// or https:// URL\n");
     };
     let authority = match std::str::from_utf8(authority) {
         Ok(text) if valid_authority(text) => text.to_string(),
@@ -291,6 +293,9 @@ fn to_origin_form(request: &mut RequestHeader) -> std::result::Result<(), &'stat
     Ok(())
 }
 
+/// Extracts the request's host, lower-case and without port. Returns
+/// `None` when it is missing or not a valid `host[:port]` (RFC 9110
+/// section 7.2), so a value such as `a.test/../x` never reaches routing.
 fn request_host(request: &RequestHeader) -> Option<String> {
     if let Some(host) = request.uri.host() {
         return Some(normalize_host(host));
@@ -516,7 +521,18 @@ impl ProxyHttp for Proxy {
         }
         ctx.upstream_started.get_or_insert_with(Instant::now);
         let guard = pick.health.begin_request();
-        let peer = self.build_peer(ctx, &pick, session.is_upgrade_req());
+        let mut peer = self.build_peer(ctx, &pick, session.is_upgrade_req());
+        if let (Some(since), Some(snapshot)) = (ctx.unreached_since, &ctx.snapshot) {
+            // A retry after failed connects ends within `no_backend_wait` of
+            // the first failure, even when the connects time out.
+            let remaining = (since + snapshot.config.proxy.no_backend_wait)
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100));
+            peer.options.connection_timeout = peer
+                .options
+                .connection_timeout
+                .map(|timeout| timeout.min(remaining));
+        }
         ctx.current = Some((pick, guard));
         Ok(peer)
     }
@@ -700,7 +716,12 @@ impl ProxyHttp for Proxy {
     ) -> FailToProxy {
         if ctx.unreached_since.is_some() && is_connect_error(e) {
             // No backend accepted a connection within `no_backend_wait`: the
-            // same answer as a route without a healthy backend.
+            // same answer, and the same count, as a route without a healthy
+            // backend.
+            metrics::global()
+                .no_healthy_backend
+                .with_label_values(&[ctx.route_name().unwrap_or("")])
+                .inc();
             let retry_after = ctx
                 .snapshot
                 .as_ref()
