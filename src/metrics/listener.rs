@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,6 +119,9 @@ async fn answer(app: &App, request: Request<hyper::body::Incoming>) -> Response<
     }
 }
 
+/// Set once every listener of this process accepted a probe connection.
+static LISTENERS_UP: AtomicBool = AtomicBool::new(false);
+
 /// Returns an error with the reason unless all of these hold:
 /// - the proxy's listeners accept connections,
 /// - with HTTPS on, the certificate store contains at least one certificate,
@@ -126,15 +130,21 @@ async fn answer(app: &App, request: Request<hyper::body::Incoming>) -> Response<
 pub async fn readiness(app: &App) -> Result<(), String> {
     let snapshot = app.snapshots.load();
     let listeners = &snapshot.config.listeners;
-    for address in [listeners.http, listeners.https].into_iter().flatten() {
-        let target = SocketAddr::new(loopback_for(address.ip()), address.port());
-        let connected =
-            tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(target)).await;
-        if !matches!(connected, Ok(Ok(_))) {
-            return Err(format!(
-                "listener {address} does not accept connections yet"
-            ));
+    // Listeners stay bound once they accept, and a probe connection to the
+    // HTTPS port makes Pingora log a failed handshake, so the listeners are
+    // probed only until they have all accepted once.
+    if !LISTENERS_UP.load(Ordering::Relaxed) {
+        for address in [listeners.http, listeners.https].into_iter().flatten() {
+            let target = SocketAddr::new(loopback_for(address.ip()), address.port());
+            let connected =
+                tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(target)).await;
+            if !matches!(connected, Ok(Ok(_))) {
+                return Err(format!(
+                    "listener {address} does not accept connections yet"
+                ));
+            }
         }
+        LISTENERS_UP.store(true, Ordering::Relaxed);
     }
     if listeners.https.is_some() {
         check_certificate_store(app)?;

@@ -36,8 +36,13 @@ pub fn certificate_warnings(config: &Config) -> Vec<String> {
             Some(_) => "or give a route an exact host name for [acme] to obtain a certificate for",
             None => "or configure [acme]",
         };
+        let state = if config.tls.store.is_dir() {
+            "contains no loadable certificate"
+        } else {
+            "does not exist yet (run creates it)"
+        };
         warnings.push(format!(
-            "tls.store: the certificate store {store} contains no loadable certificate, so every HTTPS handshake fails; put NAME.crt and NAME.key in {store}, {acme_fix}"
+            "tls.store: the certificate store {store} {state}, so every HTTPS handshake fails; put NAME.crt and NAME.key in {store}, {acme_fix}"
         ));
     }
 
