@@ -27,10 +27,10 @@ use pingora::protocols::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Most bytes of pipelined requests held while one request is in flight.
+/// Most bytes of pipelined requests kept while one request is in flight.
 /// Beyond it the side buffer stops reading, so TCP flow control holds the
 /// client back.
-const MAX_HELD: usize = 64 * 1024;
+const MAX_NEXT_REQUESTS: usize = 64 * 1024;
 
 pub struct BoundedReads {
     inner: Stream,
@@ -38,8 +38,8 @@ pub struct BoundedReads {
     /// or `u64::MAX` when its end is unknown here (chunked, upgraded).
     allowed: u64,
     /// Bytes read past the current request.
-    held: BytesMut,
-    /// The client closed after sending the bytes in `held`.
+    next_requests: BytesMut,
+    /// The client closed after sending the bytes in `next_requests`.
     closed: bool,
 }
 
@@ -49,7 +49,7 @@ impl BoundedReads {
         Box::new(BoundedReads {
             inner,
             allowed,
-            held: BytesMut::new(),
+            next_requests: BytesMut::new(),
             closed: false,
         })
     }
@@ -60,7 +60,7 @@ impl BoundedReads {
     /// closed.
     pub fn unwrap(stream: Stream) -> Option<(Stream, BytesMut)> {
         let bounded = stream.into_any().downcast::<BoundedReads>().ok()?;
-        Some((bounded.inner, bounded.held))
+        Some((bounded.inner, bounded.next_requests))
     }
 }
 
@@ -69,7 +69,7 @@ impl fmt::Debug for BoundedReads {
         f.debug_struct("BoundedReads")
             .field("inner", &self.inner)
             .field("allowed", &self.allowed)
-            .field("held", &self.held.len())
+            .field("next_requests", &self.next_requests.len())
             .field("closed", &self.closed)
             .finish()
     }
@@ -99,9 +99,9 @@ impl AsyncRead for BoundedReads {
         }
         // Past the request: keep what arrives for the front, and report
         // only a close with nothing pending as the end of the stream.
-        while !this.closed && this.held.len() < MAX_HELD {
-            this.held.reserve(4096);
-            let spare = this.held.spare_capacity_mut();
+        while !this.closed && this.next_requests.len() < MAX_NEXT_REQUESTS {
+            this.next_requests.reserve(4096);
+            let spare = this.next_requests.spare_capacity_mut();
             let mut side = ReadBuf::uninit(spare);
             match Pin::new(&mut this.inner).poll_read(cx, &mut side) {
                 Poll::Ready(Ok(())) => {
@@ -112,13 +112,13 @@ impl AsyncRead for BoundedReads {
                     }
                     // SAFETY: `poll_read` initialized the first `n` bytes of
                     // the spare capacity.
-                    unsafe { this.held.set_len(this.held.len() + n) };
+                    unsafe { this.next_requests.set_len(this.next_requests.len() + n) };
                 }
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if this.closed && this.held.is_empty() {
+        if this.closed && this.next_requests.is_empty() {
             return Poll::Ready(Ok(()));
         }
         // A pipelined request waits for this one to finish; Pingora is woken

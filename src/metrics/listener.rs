@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use crate::app::App;
 use crate::health::HealthState;
 
-/// A listening socket on `address` that another process of the same user
+/// Opens a listening socket on `address` that another process of the same user
 /// with `SO_REUSEPORT` may share; the kernel spreads connections over both.
 fn bind_shared(address: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if address.is_ipv4() {
