@@ -20,7 +20,8 @@
 //!    `408`, `431` or `400` and close when it is late, too large or
 //!    malformed; else let Pingora run the request and loop on keep-alive.
 //!    Bytes read past a request whose body length is known are a pipelined
-//!    next request: they stay here and are checked in turn.
+//!    next request: they stay here and are checked in turn, and Pingora
+//!    reads the client only up to the end of the current body (`bounded`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,12 +37,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
 
+mod bounded;
+
 use crate::app::App;
 use crate::config::Limits;
 use crate::proxy::framing::{inspect_head, BodyFraming, Rejection};
-
-mod bounded;
-
 use crate::proxy::Proxy;
 use bounded::BoundedReads;
 
