@@ -53,8 +53,16 @@ pub struct Pebble {
 
 impl Pebble {
     /// True when both binaries are on `PATH` (Debian package `pebble`).
+    /// With `SWITCHYARD_REQUIRE_PEBBLE` set, as `.ci/run` sets it, a missing
+    /// pebble fails the test instead of skipping it, so that CI cannot pass
+    /// with the ACME tests unrun.
     pub fn installed() -> bool {
-        on_path("pebble") && on_path("pebble-challtestsrv")
+        let found = on_path("pebble") && on_path("pebble-challtestsrv");
+        assert!(
+            found || std::env::var_os("SWITCHYARD_REQUIRE_PEBBLE").is_none(),
+            "pebble and pebble-challtestsrv are not on PATH; run scripts/install-deps.sh (apt-get install pebble)"
+        );
+        found
     }
 
     /// Starts challtestsrv and pebble. Retries with new ports if another
