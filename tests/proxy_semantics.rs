@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use hyper::Request;
 use rand::RngCore;
 use ring::hmac;
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn one_pool() -> (TestBackend, TestBackend, ProxyProcess) {
     let blue = TestBackend::start("blue").await;
@@ -255,13 +257,9 @@ async fn absolute_form_target_reaches_the_backend_in_origin_form() {
     );
 }
 
-/// A request that arrives while the one before it is still at the backend
-/// waits for it: both are answered in order, each reaches the backend
-/// once, and the first is not failed because the second came early.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_pipelined_during_a_slow_one_is_served_after_it() {
-    use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A backend that answers each request with its path after 400 ms for
+/// `/slow` paths, at once otherwise, and records the POST request lines.
+async fn slow_backend() -> (RawBackend, Arc<Mutex<Vec<String>>>, ProxyProcess) {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let log = Arc::clone(&seen);
     let backend = RawBackend::start(move |mut stream, _| {
@@ -292,25 +290,67 @@ async fn request_pipelined_during_a_slow_one_is_served_after_it() {
         backend.addr
     ))
     .await;
+    (backend, seen, proxy)
+}
 
+/// Writes `parts` to a new connection, pausing 100 ms between them, then
+/// half-closes when `half_close` is set, and reads until the proxy closes.
+async fn exchange_in_parts(proxy: &ProxyProcess, parts: &[&[u8]], half_close: bool) -> String {
     let mut client = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
-    client
-        .write_all(b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    client
-        .write_all(
-            b"POST /next HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
-        )
-        .await
-        .unwrap();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        client.write_all(part).await.unwrap();
+    }
+    if half_close {
+        client.shutdown().await.unwrap();
+    }
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut out)).await;
-    let response = String::from_utf8_lossy(&out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A request that arrives while the one before it is still at the backend
+/// waits for it: both are answered in order, each reaches the backend
+/// once, and the first is not failed because the second came early. The
+/// same holds for a first request offering `Upgrade: h2c`, as curl does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_pipelined_during_a_slow_one_is_served_after_it() {
+    let (_backend, seen, proxy) = slow_backend().await;
+    let firsts: [&[u8]; 2] = [
+        b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST /slow-h2c HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 2\r\n\r\n{}",
+    ];
+    for first in firsts {
+        seen.lock().unwrap().clear();
+        let next =
+            b"POST /next HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+        let response = exchange_in_parts(&proxy, &[first, next], false).await;
+        assert_eq!(response.matches("HTTP/1.1 200").count(), 2, "{response}");
+        let (slow, after) = (response.find("/slow"), response.find("/next"));
+        assert!(slow.is_some() && slow < after, "{response}");
+        let lines = seen.lock().unwrap().clone();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("POST /slow"), "{lines:?}");
+        assert_eq!(lines[1], "POST /next HTTP/1.1");
+    }
+}
+
+/// A client that sends its requests and then half-closes still gets every
+/// response (RFC 9112 section 9.6), so a request the backend processed is
+/// never left without an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_closed_client_gets_its_responses() {
+    let (_backend, seen, proxy) = slow_backend().await;
+    let one = b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}";
+    let response = exchange_in_parts(&proxy, &[one], true).await;
+    assert_eq!(response.matches("HTTP/1.1 200").count(), 1, "{response}");
+
+    seen.lock().unwrap().clear();
+    let pipelined = b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}POST /next HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}";
+    let response = exchange_in_parts(&proxy, &[pipelined], true).await;
     assert_eq!(response.matches("HTTP/1.1 200").count(), 2, "{response}");
-    let (slow, next) = (response.find("/slow"), response.find("/next"));
-    assert!(slow.is_some() && slow < next, "{response}");
     assert_eq!(
         *seen.lock().unwrap(),
         vec!["POST /slow HTTP/1.1", "POST /next HTTP/1.1"]

@@ -7,8 +7,10 @@
 //! next request without the front's checks. This wrapper hands Pingora at
 //! most the rest of the current request's body. Reads past that point go
 //! to a side buffer that the front takes back with the stream and checks
-//! as the next request; Pingora sees such a read as pending, and sees the
-//! end of the stream only when the client closed without sending more.
+//! as the next request. Pingora sees such a read as pending, even at the
+//! end of the stream: a client that half-closes after its request still
+//! gets the response (RFC 9112 section 9.6), and a request the backend is
+//! working on is not cut because the client stopped sending.
 
 use std::fmt;
 use std::io;
@@ -39,7 +41,7 @@ pub struct BoundedReads {
     allowed: u64,
     /// Bytes read past the current request.
     next_requests: BytesMut,
-    /// The client closed after sending the bytes in `next_requests`.
+    /// The client closed its sending side.
     closed: bool,
 }
 
@@ -118,11 +120,10 @@ impl AsyncRead for BoundedReads {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if this.closed && this.next_requests.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        // A pipelined request waits for this one to finish; Pingora is woken
-        // by its other work (the backend's response), not by this read.
+        // A pipelined request, or the end of the stream, waits for this
+        // request to finish; Pingora is woken by its other work (the
+        // backend's response), not by this read. The front then finds the
+        // pipelined bytes, or the end of the stream again, on its next read.
         Poll::Pending
     }
 }

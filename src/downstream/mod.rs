@@ -157,10 +157,10 @@ impl Downstream {
                                 .map_or(buffer.len(), |end| end.min(buffer.len()));
                             (end, body.saturating_sub(in_buffer))
                         }
-                        // TODO: a request pipelined behind a chunked one and
-                        // arriving while it waits for the backend makes
-                        // Pingora answer the chunked one with 400; bounding
-                        // it needs a chunk parser in `bounded`.
+                        // TODO: a request pipelined behind a chunked one (or a
+                        // refused WebSocket upgrade) and arriving while it
+                        // waits for the backend makes Pingora answer it with
+                        // 400; bounding it needs a chunk parser in `bounded`.
                         BodyFraming::Chunked | BodyFraming::Upgrade => (buffer.len(), u64::MAX),
                     };
                     // An empty tail would still share, and so keep alive,

@@ -98,8 +98,8 @@ pub enum BodyFraming {
     Length(u64),
     /// A chunked body, whose end only a chunk parser finds.
     Chunked,
-    /// A request to switch protocols (`Upgrade`): after the response, the
-    /// connection may carry anything.
+    /// A request to switch to WebSocket (`Upgrade: websocket`): after the
+    /// response, the connection may carry anything.
     Upgrade,
 }
 
@@ -166,7 +166,11 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<BodyFraming, Rejecti
         } else if field.name.eq_ignore_ascii_case("host") {
             hosts += 1;
         } else if field.name.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
+            // Only WebSocket is proxied as an upgrade; `h2c`, which curl
+            // offers on http:// URLs, is answered as plain HTTP/1.1.
+            upgrade |= String::from_utf8_lossy(field.value)
+                .to_ascii_lowercase()
+                .contains("websocket");
         }
     }
 
