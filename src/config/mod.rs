@@ -162,6 +162,9 @@ pub struct ProxySettings {
     pub upstream_idle_timeout: Duration,
 }
 
+/// Largest accepted `limits.max_header_count`.
+pub const MAX_HEADER_COUNT: usize = 250;
+
 /// Limits on what a client may hold or send. They protect the proxy and the
 /// backends from slow or oversized clients; each default is explained in
 /// docs/OPERATIONS.md.

@@ -561,11 +561,11 @@ fn limits(c: &mut Collector, raw: &RawConfig) -> Limits {
         }
     };
     // 250 stays below the 256 header fields Pingora's parser accepts, so
-    // the proxy answers 431 itself instead of Pingora answering 400.
+    // the proxy returns 431 itself instead of Pingora returning 400.
     let max_header_count = count(
         "max_header_count",
         l.max_header_count,
-        1..=250,
+        1..=MAX_HEADER_COUNT as i64,
         defaults.max_header_count,
     );
     let max_connections = count(

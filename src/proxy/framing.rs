@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use pingora::http::RequestHeader;
 
-use crate::config::{format_duration, Limits};
+use crate::config::{format_duration, Limits, MAX_HEADER_COUNT};
 
 /// An error response written before the request reaches Pingora.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,7 +91,7 @@ impl Rejection {
     }
 }
 
-/// Where the body of a request that passed the checks ends.
+/// The end of the body of a request that passed the checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BodyFraming {
     /// Exactly this many bytes follow the header (0 without a body).
@@ -104,8 +104,8 @@ pub enum BodyFraming {
 }
 
 /// Checks one complete request header (request line through the blank
-/// line) against the limits and the framing rules above, and tells where
-/// the body ends.
+/// line) against the limits and the framing rules above, and returns
+/// where the body ends.
 pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<BodyFraming, Rejection> {
     if head.len() > limits.max_header_bytes {
         return Err(Rejection::header_too_large(limits.max_header_bytes));
@@ -120,8 +120,10 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<BodyFraming, Rejecti
         }
     }
 
-    let mut fields = vec![httparse::EMPTY_HEADER; limits.max_header_count];
-    let mut request = httparse::Request::new(&mut fields);
+    // On the stack: this runs for every HTTP/1.x request.
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADER_COUNT];
+    let count = limits.max_header_count.min(MAX_HEADER_COUNT);
+    let mut request = httparse::Request::new(&mut fields[..count]);
     match request.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => {
@@ -166,11 +168,12 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<BodyFraming, Rejecti
         } else if field.name.eq_ignore_ascii_case("host") {
             hosts += 1;
         } else if field.name.eq_ignore_ascii_case("upgrade") {
-            // Only WebSocket is proxied as an upgrade; `h2c`, which curl
-            // offers on http:// URLs, is answered as plain HTTP/1.1.
-            upgrade |= String::from_utf8_lossy(field.value)
-                .to_ascii_lowercase()
-                .contains("websocket");
+            // Only WebSocket is proxied as an upgrade. `h2c`, which curl
+            // offers on http:// URLs, is served as plain HTTP/1.1.
+            upgrade |= field
+                .value
+                .windows(9)
+                .any(|w| w.eq_ignore_ascii_case(b"websocket"));
         }
     }
 
@@ -238,10 +241,10 @@ pub fn inspect_head(head: &[u8], limits: &Limits) -> Result<BodyFraming, Rejecti
 
 /// Applies the header size and count limits to an HTTP/2 request, whose
 /// framing the h2 codec has already checked. Fields are counted and sized
-/// as the HTTP/1.1 form of the request would carry them, so one limit means
-/// the same over both protocols: `:authority` as a `Host` field, the
-/// cookie crumbs of RFC 9113 section 8.2.3 as one `Cookie` field joined
-/// with `; `, each field as `name: value` and CRLF, plus the request line.
+/// as in the HTTP/1.1 form of the request, so one limit means the same over
+/// both protocols. `:authority` counts as a `Host` field, and the cookie
+/// crumbs of RFC 9113 section 8.2.3 as one `Cookie` field joined with `; `.
+/// Each field counts as `name: value` and CRLF, plus the request line.
 pub fn inspect_http2_head(header: &RequestHeader, limits: &Limits) -> Result<(), Rejection> {
     let mut count = 0;
     let mut bytes = 0;
