@@ -42,9 +42,10 @@ const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 /// default), counting the first.
 pub const MAX_ATTEMPTS: u32 = 16;
 
-/// The pause before each attempt of a request that no backend has
-/// received yet, once the route's immediate retries are used: the
-/// remaining attempts spread over `no_backend_wait`, and at least 100 ms.
+/// Returns the pause before each attempt of a request that no backend has
+/// received yet, once the route's immediate retries are used. The pause
+/// spreads the remaining attempts over `no_backend_wait` and is at least
+/// 100 ms.
 fn unreached_pause(no_backend_wait: Duration) -> Duration {
     (no_backend_wait / (MAX_ATTEMPTS - 2)).max(Duration::from_millis(100))
 }
@@ -95,6 +96,11 @@ impl Proxy {
     /// weight change or config reload takes effect for waiting requests.
     async fn pick_with_wait(&self, ctx: &mut RequestCtx) -> Option<Pick> {
         let (snapshot, route) = (ctx.snapshot.clone()?, ctx.route?);
+        if let Some(pick) = snapshot.route_states[route].pick(&[]) {
+            return Some(pick);
+        }
+
+        // Only a request that has to wait pays for what follows.
         let settings = &snapshot.config.proxy;
         let wait = if snapshot.route_states[route].has_pending() {
             settings.startup_wait.max(settings.no_backend_wait)
@@ -242,8 +248,8 @@ fn request_header_unsent(e: &Error) -> bool {
             .is_some_and(|c| c.as_str().contains("request header"))
 }
 
-/// A duration in milliseconds with microsecond precision, which prints
-/// without binary noise (1.488, not 1.4882980000000001).
+/// Converts a duration to milliseconds with microsecond precision, which
+/// prints without binary noise (1.488, not 1.4882980000000001).
 fn millis(duration: Duration) -> f64 {
     duration.as_micros() as f64 / 1000.0
 }
@@ -687,9 +693,9 @@ impl ProxyHttp for Proxy {
         e
     }
 
-    /// The access event carries the error of a failed request, so Pingora's
-    /// own error line would log it twice; without the access log, Pingora's
-    /// line is the only record and stays.
+    /// Suppresses Pingora's error line while the access log is on, because
+    /// the access event already carries the error. Without the access log,
+    /// Pingora's line is the only record, so it stays.
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
         ctx.snapshot
             .as_ref()
@@ -715,8 +721,8 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         if ctx.unreached_since.is_some() && is_connect_error(e) {
-            // No backend accepted a connection within `no_backend_wait`: the
-            // same answer, and the same count, as a route without a healthy
+            // No backend accepted a connection within `no_backend_wait`. The
+            // response and the metric are those of a route without a healthy
             // backend.
             metrics::global()
                 .no_healthy_backend
@@ -743,8 +749,8 @@ impl ProxyHttp for Proxy {
             };
         }
         // Pingora's default mapping, except that a client too slow with its
-        // body gets 408 rather than 400, and a backend that does not answer
-        // in time gives 504, as with nginx.
+        // body gets 408 rather than 400, and a backend read that timed out
+        // gives 504, as in nginx.
         let code = match (e.etype(), e.esource()) {
             (ErrorType::HTTPStatus(code), _) => *code,
             (ErrorType::ReadTimedout, ErrorSource::Upstream) => 504,
