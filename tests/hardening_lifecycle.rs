@@ -137,7 +137,7 @@ async fn binary_upgrade_under_load_fails_nothing() {
 /// During a binary upgrade the new process serves `/readyz` while the old
 /// one, which keeps the metrics address for its grace period, still runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_process_answers_readyz_during_an_upgrade() {
+async fn readyz_up_during_upgrade() {
     let backend = TestBackend::start("blue").await;
     let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let body = format!(

@@ -374,7 +374,7 @@ async fn request_outlives_a_backend_restart() {
 /// A backend that stays down: the request waits `no_backend_wait`, then
 /// gets 503 with `Retry-After`, as when no backend is healthy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_backend_gives_503_after_the_wait() {
+async fn unreachable_backend_waits_then_503() {
     let backend = TestBackend::start("blue").await;
     let proxy = ProxyProcess::start(&one_backend(backend.addr, "no_backend_wait = \"1s\"")).await;
     assert_eq!(get(proxy.http, "a", "/warm").await.unwrap().status, 200);
@@ -385,10 +385,8 @@ async fn unreachable_backend_gives_503_after_the_wait() {
     let waited = started.elapsed();
     assert_eq!(reply.status, 503, "{}", reply.text());
     assert_eq!(reply.header("retry-after").as_deref(), Some("1"));
-    assert!(
-        waited >= Duration::from_millis(800) && waited < Duration::from_secs(3),
-        "{waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(800), "{waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
 }
 
 /// A backend that takes the request and never answers: 504 once

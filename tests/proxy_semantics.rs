@@ -178,10 +178,10 @@ async fn unknown_route_is_404() {
 }
 
 /// Requests a client sends before the previous response (RFC 9112 section
-/// 9.3.2) are answered in order on the same connection, and each pipelined
-/// request gets the same framing checks as a first one.
+/// 9.3.2) get their responses in order on the same connection, and each
+/// pipelined request gets the same framing checks as a first one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_requests_are_answered_in_order() {
+async fn pipelined_requests_served_in_order() {
     let (blue, _green, proxy) = one_pool().await;
     let burst = concat!(
         "GET /one HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -206,8 +206,8 @@ async fn pipelined_requests_are_answered_in_order() {
         ]
     );
 
-    // A pipelined request with ambiguous framing is refused, and never
-    // reaches the backend, after the first one is answered.
+    // A pipelined request with ambiguous framing is rejected, and never
+    // reaches the backend, after the first one gets its response.
     let smuggle = concat!(
         "GET /five HTTP/1.1\r\nHost: a\r\n\r\n",
         "POST /six HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -219,11 +219,12 @@ async fn pipelined_requests_are_answered_in_order() {
     assert_eq!(targets.last().map(String::as_str), Some("/five"));
 }
 
-/// An absolute-form target reaches the backend in origin-form; one whose
-/// authority differs from `Host` is refused (Pingora checks that), as is a
-/// raw non-ASCII byte in a target, before either reaches a backend.
+/// An absolute-form target reaches the backend in origin-form. A target
+/// whose authority differs from `Host` (Pingora checks that), another
+/// scheme, or a raw non-ASCII byte in a target is rejected before it
+/// reaches a backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn absolute_form_target_reaches_the_backend_in_origin_form() {
+async fn absolute_form_becomes_origin_form() {
     let (blue, _green, proxy) = one_pool().await;
     let request = concat!(
         "POST http://hooks.example/webhook?hub.mode=a%2Fb+c HTTP/1.1\r\n",
@@ -257,8 +258,9 @@ async fn absolute_form_target_reaches_the_backend_in_origin_form() {
     );
 }
 
-/// A backend that answers each request with its path after 400 ms for
-/// `/slow` paths, at once otherwise, and records the POST request lines.
+/// Starts a backend that responds to each request with its path, after
+/// 400 ms for `/slow` paths, and records the POST request lines, and a
+/// proxy in front of it.
 async fn slow_backend() -> (RawBackend, Arc<Mutex<Vec<String>>>, ProxyProcess) {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let log = Arc::clone(&seen);
@@ -316,7 +318,7 @@ async fn exchange_in_parts(proxy: &ProxyProcess, parts: &[&[u8]], half_close: bo
 /// once, and the first is not failed because the second came early. The
 /// same holds for a first request offering `Upgrade: h2c`, as curl does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_pipelined_during_a_slow_one_is_served_after_it() {
+async fn pipelined_during_slow_request_waits() {
     let (_backend, seen, proxy) = slow_backend().await;
     let firsts: [&[u8]; 2] = [
         b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}",
@@ -328,8 +330,10 @@ async fn request_pipelined_during_a_slow_one_is_served_after_it() {
             b"POST /next HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
         let response = exchange_in_parts(&proxy, &[first, next], false).await;
         assert_eq!(response.matches("HTTP/1.1 200").count(), 2, "{response}");
-        let (slow, after) = (response.find("/slow"), response.find("/next"));
-        assert!(slow.is_some() && slow < after, "{response}");
+        let slow = response.find("/slow");
+        let after = response.find("/next");
+        assert!(slow.is_some(), "{response}");
+        assert!(slow < after, "{response}");
         let lines = seen.lock().unwrap().clone();
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(lines[0].starts_with("POST /slow"), "{lines:?}");

@@ -663,9 +663,9 @@ fn reload(app: &App, actor: Actor) -> Result<Value, AdminError> {
     }))
 }
 
-/// Rewrites the state file after a config reload, so that it drops the
-/// weights and shifts the reload dropped or cancelled; false when the file
-/// could not be written. Without a state file there is nothing to write.
+/// Rewrites the state file after a config reload, so that it no longer
+/// contains the weights and shifts the reload dropped or cancelled. Returns
+/// false when the file could not be written, and true without a state file.
 pub fn persist_after_reload(app: &App) -> bool {
     let _writer = app.snapshots.lock_writer();
     let current = app.snapshots.load();
@@ -681,10 +681,10 @@ pub fn persist_after_reload(app: &App) -> bool {
     match state::write(path, &current.overrides, &plans, current.generation) {
         Ok(()) => true,
         Err(err) => {
-            // The reload itself succeeded. The file still holds the old
+            // The reload itself succeeded. The file still contains the old
             // runtime state, and routes whose pools changed are dropped
             // again at start.
-            tracing::error!(state_file = %path.display(), error = %err, "cannot write the state file after a reload");
+            tracing::error!(state_file = %path.display(), error = %err, "failed to write the state file after a reload; check the folder's permissions and free space");
             false
         }
     }

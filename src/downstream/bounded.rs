@@ -7,8 +7,8 @@
 //! next request without the front's checks. This wrapper hands Pingora at
 //! most the rest of the current request's body. Reads past that point go
 //! to a side buffer that the front takes back with the stream and checks
-//! as the next request. Pingora sees such a read as pending, even at the
-//! end of the stream: a client that half-closes after its request still
+//! as the next request. Pingora gets such a read as pending, even at the
+//! end of the stream. So a client that half-closes after its request still
 //! gets the response (RFC 9112 section 9.6), and a request the backend is
 //! working on is not cut because the client stopped sending.
 
@@ -29,9 +29,9 @@ use pingora::protocols::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Most bytes of pipelined requests kept while one request is in flight.
-/// Beyond it the side buffer stops reading, so TCP flow control holds the
-/// client back.
+/// Maximum bytes of pipelined requests kept while one request is in
+/// flight. Beyond it the side buffer stops reading, so TCP flow control
+/// slows the client down.
 const MAX_NEXT_REQUESTS: usize = 64 * 1024;
 
 pub struct BoundedReads {

@@ -158,9 +158,9 @@ impl Downstream {
                             (end, body.saturating_sub(in_buffer))
                         }
                         // TODO: a request pipelined behind a chunked one (or a
-                        // refused WebSocket upgrade) and arriving while it
-                        // waits for the backend makes Pingora answer it with
-                        // 400; bounding it needs a chunk parser in `bounded`.
+                        // rejected WebSocket upgrade) that arrives while it
+                        // waits for the backend makes Pingora return 400 for
+                        // it. Bounding it needs a chunk parser in `bounded`.
                         BodyFraming::Chunked | BodyFraming::Upgrade => (buffer.len(), u64::MAX),
                     };
                     // An empty tail would still share, and so keep alive,
@@ -286,8 +286,8 @@ async fn read_head(
 }
 
 /// Waits for the first bytes of a request on a new or idle keep-alive
-/// connection; false when the client closed, stayed idle too long, or the
-/// server asks idle connections to go.
+/// connection. Returns false when the client closed, stayed idle too long,
+/// or the server is closing idle connections.
 async fn wait_for_request(
     stream: &mut Stream,
     buffer: &mut BytesMut,
@@ -304,12 +304,12 @@ async fn wait_for_request(
         limits.keepalive_timeout
     };
     // A new connection is not cut by shutdown or pressure while it waits
-    // for its first request: the client has just been accepted and may be
-    // sending already. Pingora's grace period bounds the wait. An idle
-    // keep-alive connection gets `SHUTDOWN_DRAIN` after shutdown starts:
-    // a client in the middle of a request burst sends its next request in
-    // that window and gets its response with `Connection: close`, where closing
-    // at once would reset the request it was about to send.
+    // for its first request, because the client has just been accepted and
+    // may be sending already. Pingora's grace period bounds the wait.
+    // An idle keep-alive connection gets `SHUTDOWN_DRAIN` after shutdown
+    // starts. A client in the middle of a request burst sends its next
+    // request in that window and gets its response with `Connection: close`.
+    // Closing at once would reset the request it was about to send.
     let first_read = async {
         tokio::select! {
             read = timeout(idle, stream.read_buf(buffer)) => Some(read),
@@ -322,7 +322,7 @@ async fn wait_for_request(
     matches!(first_read.await, Some(Ok(Ok(n))) if n > 0)
 }
 
-/// Reads until `buffer` holds a complete header, within
+/// Reads until `buffer` contains a complete header, within
 /// `header_read_timeout`, and checks it.
 async fn read_rest_of_head(stream: &mut Stream, mut buffer: BytesMut, limits: &Limits) -> Head {
     let deadline = Instant::now() + limits.header_read_timeout;

@@ -35,9 +35,9 @@ fn bind_shared(address: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Binds `address` and serves until the process exits. The socket has
-/// `SO_REUSEPORT`, so that during a binary upgrade the new process answers
-/// `/readyz` at once while the old one, which set it too, still holds the
-/// address. Any other bind error is retried every second.
+/// `SO_REUSEPORT`, so during a binary upgrade the new process serves
+/// `/readyz` at once while the old one, which set it too, is still bound.
+/// Any other bind error is retried every second.
 pub async fn serve(app: Arc<App>, address: SocketAddr) {
     let listener = loop {
         match bind_shared(address) {
